@@ -1,0 +1,33 @@
+"""Backends by CLIP family. Adding a family is adding one file and one line here."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import UnsupportedModelError, VisionBackend, describe
+from .hf_clip import HFClipBackend
+from .open_clip import OpenClipBackend
+from .openai_clip import OpenAIClipBackend
+
+BACKENDS: dict[str, type[VisionBackend]] = {b.family: b for b in (OpenClipBackend, OpenAIClipBackend, HFClipBackend)}
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """A peft PeftModel around a CLIP: the CLIP inside (LoRA layers stay where peft put them)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def backend_for(model: nn.Module) -> VisionBackend:
+    """The backend of ``model``'s family, after checking E2 can be laid into it."""
+    model = unwrap_peft(model)
+    for cls in BACKENDS.values():
+        if cls.claims(model):
+            backend = cls(model)
+            backend.check()
+            return backend
+    raise UnsupportedModelError(
+        f"{describe(model)} is not a CLIP family e2-adapter knows; supported: open_clip CLIP/CustomTextCLIP, "
+        "OpenAI clip (clip-anytorch) CLIP, transformers CLIPModel / CLIPVisionModelWithProjection.")
+
+
+__all__ = ["BACKENDS", "VisionBackend", "UnsupportedModelError", "backend_for", "unwrap_peft"]

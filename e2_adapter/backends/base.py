@@ -1,0 +1,117 @@
+"""The one interface every CLIP family answers, so the E2 forward (tower.py) knows no family.
+
+A backend wraps a *model* (the object the user passed to ``wrap``) and exposes its vision tower as
+five steps: embed the image into tokens, the pre-norm, run blocks [start, end), the final norm and
+the projection. Block modules are looked up on every call, never cached, so peft LoRA layers
+injected before or after wrapping are always the ones that run.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a CLIP vision transformer that E2 can be laid into."""
+
+
+class VisionBackend(ABC):
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- detection -------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def claims(cls, model: nn.Module) -> bool:
+        """True if ``model`` belongs to this family (supported or not: check() says why not)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise UnsupportedModelError naming the model and the reason if E2 cannot be laid in."""
+
+    # --- the tower -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def tower(self) -> nn.Module:
+        """The vision tower module: it gets the ``e2`` child and the patched forward."""
+
+    @property
+    @abstractmethod
+    def width(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_blocks(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int: ...
+
+    @abstractmethod
+    def embed(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Images -> [B, 1+N, W] tokens, CLS first, positions added, before the pre-norm."""
+
+    @abstractmethod
+    def pre_norm(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def run_blocks(self, x: torch.Tensor, start: int, end: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run blocks [start, end) on NLD tokens; ``attn_mask`` is additive [L, L] or None."""
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> nn.Module: ...
+
+    @abstractmethod
+    def projection_weight(self) -> torch.Tensor | None:
+        """The global projection as a [W, D] matrix (None if the tower has none)."""
+
+    @abstractmethod
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Normalised CLS [B, W] -> joint space [B, D], with the model's own (pretrained) projection."""
+
+    @abstractmethod
+    def class_token(self) -> torch.Tensor:
+        """The class embedding plus its positional embedding, [W]: the start for selection tokens."""
+
+    @abstractmethod
+    def tower_output(self, out: Any, **kwargs) -> Any:
+        """What the patched tower forward returns, in the family's own format."""
+
+    # --- the whole CLIP, for trainers and evaluators -------------------------------------------
+    @abstractmethod
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def logit_scale(self) -> nn.Parameter | None:
+        return getattr(self.model, "logit_scale", None)
+
+    def parameter_dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    def parameter_device(self) -> torch.device:
+        return next(self.tower.parameters()).device
+
+
+def patch_embed(conv1: nn.Conv2d, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
+                images: torch.Tensor) -> torch.Tensor:
+    """The ViT stem shared by open_clip and OpenAI CLIP: conv patches, CLS first, positions added."""
+    x = conv1(images.to(conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, W]
+    cls = class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1)
+    if x.shape[1] != positional_embedding.shape[0]:
+        raise ValueError(f"image gives {x.shape[1] - 1} patches but the model has positions for "
+                         f"{positional_embedding.shape[0] - 1}: resize images to the model's input size")
+    return x + positional_embedding.to(x.dtype)
+
+
+def describe(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__name__}"

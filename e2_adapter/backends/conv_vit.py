@@ -1,0 +1,65 @@
+"""What open_clip's and OpenAI's ViT towers share: the same attribute names (conv1, class_embedding,
+positional_embedding, ln_pre, transformer.resblocks, ln_post, proj) and the same CLIP-level API
+(encode_image, encode_text). The two family files only add what differs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import VisionBackend, patch_embed
+
+
+class ConvViTBackend(VisionBackend):
+    @property
+    def tower(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def width(self) -> int:
+        return self.tower.conv1.out_channels
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.tower.transformer.resblocks)
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.tower.proj
+        return proj.shape[1] if proj is not None else self.width
+
+    def pre_norm(self, x):
+        return self.tower.ln_pre(x)
+
+    @property
+    def final_norm(self):
+        return self.tower.ln_post
+
+    def projection_weight(self):
+        return self.tower.proj
+
+    def project(self, pooled):
+        proj = self.tower.proj
+        return pooled @ proj if proj is not None else pooled
+
+    def class_token(self):
+        return self.tower.class_embedding + self.tower.positional_embedding[0]
+
+    def tower_output(self, out, **kwargs):
+        return out.image
+
+    def embed(self, images, **kwargs):
+        t = self.tower
+        return patch_embed(t.conv1, t.class_embedding, t.positional_embedding, images)
+
+    def encode_image(self, images):
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens):
+        return self.model.encode_text(tokens)
+
+    def _blocks(self):
+        return self.tower.transformer.resblocks
+
+    @staticmethod
+    def _is_vit(tower: nn.Module) -> bool:
+        return all(hasattr(tower, a) for a in ("conv1", "class_embedding", "positional_embedding", "transformer"))

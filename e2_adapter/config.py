@@ -1,0 +1,132 @@
+"""E2Config: everything that defines an adapter, round-tripping to ``adapter_config.json``.
+
+Sizes of the wrapped model (width, depth, output dim) are read from the model at wrap time and
+recorded here, so that loading an adapter into a different model fails with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+CONFIG_NAME = "adapter_config.json"
+DEFAULT_ENTITIES = ("brand", "season", "subcategory", "composition")
+PRESETS = ("faithful", "lean", "gated")
+LEAN_QK_RANK = 32  # keeps ViT-B/32's overhead under the paper's 1.9% (benchmarks/overhead.py)
+
+
+@dataclass
+class E2Config:
+    """How E2 is laid into a CLIP vision tower.
+
+    entities: the tag entities, each with its own selection tokens and region head.
+    tokens_per_entity: selection tokens per entity (the paper uses 2).
+    fusion_after: 1-based indices of the blocks after which a fusion block runs; ``None`` derives
+        them from the depth (after ~2/3 of the blocks and after the second-to-last one: 8 and 11 of 12).
+    drop_patches: drop the patch tokens after the last fusion block (the paper's layout).
+    qk_rank: width of the fusion blocks' query/key space; ``None`` = the tower width (the paper).
+    gumbel_tau: Gumbel-softmax temperature of the hard selection during training.
+    gated: start where CLIP is: class and patch tokens never attend to the selection tokens, and the
+        selection tokens reach the global embedding only through a zero-initialised gate, so the
+        wrapped model's global embedding equals the original's exactly at step 0.
+    token_init: "cls" starts every selection token at the model's class token (plus small noise), so
+        the region heads start from CLIP's own joint space; "normal" draws them like CLIP's init.
+    """
+    entities: tuple[str, ...] = DEFAULT_ENTITIES
+    tokens_per_entity: int = 2
+    fusion_after: tuple[int, ...] | None = None
+    drop_patches: bool = True
+    qk_rank: int | None = None
+    gumbel_tau: float = 1.0
+    gated: bool = False
+    token_init: str = "cls"
+    preset: str = "faithful"
+    # Filled in by wrap() from the model, checked by load_adapter().
+    family: str | None = None
+    width: int | None = None
+    embed_dim: int | None = None
+    num_blocks: int | None = None
+    version: int = field(default=1)
+
+    def __post_init__(self):
+        if isinstance(self.entities, str):
+            raise ValueError(f"entities must be a sequence of names, got the string {self.entities!r}; "
+                             f"write entities=({self.entities!r},)")
+        self.entities = tuple(self.entities)
+        if self.fusion_after is not None:
+            self.fusion_after = tuple(int(i) for i in self.fusion_after)
+        if not self.entities:
+            raise ValueError("E2Config.entities is empty: name at least one tag entity, e.g. ('brand',)")
+        repeated = sorted({e for e in self.entities if self.entities.count(e) > 1})
+        if repeated:
+            raise ValueError(f"E2Config.entities repeats {repeated}: each entity needs a unique name")
+        for name in self.entities:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"entity name {name!r} must be a Python identifier (letters, digits, _)")
+        if self.tokens_per_entity < 1:
+            raise ValueError(f"tokens_per_entity must be >= 1, got {self.tokens_per_entity}")
+        if self.qk_rank is not None and self.qk_rank < 1:
+            raise ValueError(f"qk_rank must be >= 1 or None, got {self.qk_rank}")
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
+        if self.token_init not in ("cls", "normal"):
+            raise ValueError(f"token_init must be 'cls' or 'normal', got {self.token_init!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {PRESETS}")
+
+    @classmethod
+    def from_preset(cls, name: str = "faithful", **overrides) -> "E2Config":
+        """``faithful``: the paper's layout. ``lean``: low-rank fusion q/k (<= 1.9% extra parameters
+        on ViT-B/32). ``gated``: the faithful layout that starts exactly where CLIP is."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+        base = {"faithful": {}, "lean": {"qk_rank": LEAN_QK_RANK}, "gated": {"gated": True}}[name]
+        return cls(preset=name, **{**base, **overrides})
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.entities) * self.tokens_per_entity
+
+    def resolve_fusion_after(self, num_blocks: int) -> tuple[int, ...]:
+        """Fusion positions for a tower of ``num_blocks`` blocks, validated."""
+        if self.fusion_after is not None:
+            positions = tuple(sorted(set(self.fusion_after)))
+        else:
+            positions = tuple(sorted({max(1, round(2 * num_blocks / 3)), max(1, num_blocks - 1)}))
+        bad = [p for p in positions if not 1 <= p <= num_blocks]
+        if bad or not positions:
+            raise ValueError(f"fusion_after={positions} is invalid for a tower of {num_blocks} blocks: "
+                             f"each position must lie in 1..{num_blocks}")
+        return positions
+
+    def with_model_info(self, **info) -> "E2Config":
+        return replace(self, **info)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["entities"] = list(self.entities)
+        d["fusion_after"] = list(self.fusion_after) if self.fusion_after is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "E2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"adapter config has unknown fields {unknown}; was it written by a newer e2-adapter?")
+        return cls(**d)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "E2Config":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this an adapter saved by save_adapter()?")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,114 @@
+"""E2's new parameters as plain torch modules. Nothing here knows which CLIP family it sits in.
+
+Token layout inside the tower (CLS first, so every family's "token 0 is CLS" convention holds):
+    [CLS, selection tokens (entity-major: e0t0, e0t1, e1t0, ...), patches]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import E2Config
+
+
+def hard_select(scores: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
+    """One-hot choice over the last dim.
+
+    Training: straight-through Gumbel-softmax (hard forward, soft gradient). Evaluation: a plain
+    argmax, so inference is deterministic (the reference code samples noise at test time too).
+    """
+    if training:
+        return F.gumbel_softmax(scores.float(), tau=tau, hard=True).to(scores.dtype)
+    return F.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+
+
+class FusionBlock(nn.Module):
+    """Hard attention: each selection token picks one patch and fuses with it.
+
+    fused = (value(chosen patch) + token) / 2. Patches pass through unchanged.
+    ``value`` starts as the identity, so at step 0 a token is the mean of itself and its patch.
+    """
+
+    def __init__(self, width: int, qk_rank: int | None = None):
+        super().__init__()
+        qk = qk_rank or width
+        self.query = nn.Linear(width, qk, bias=False)
+        self.key = nn.Linear(width, qk, bias=False)
+        self.value = nn.Linear(width, width, bias=False)
+        self.scale = qk ** -0.5
+        nn.init.normal_(self.query.weight, std=width ** -0.5)
+        nn.init.normal_(self.key.weight, std=width ** -0.5)
+        with torch.no_grad():
+            self.value.weight.copy_(torch.eye(width))
+
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor, tau: float = 1.0):
+        """tokens [B,S,W], patches [B,N,W] -> (fused tokens [B,S,W], chosen patch index [B,S])."""
+        scores = self.query(tokens) @ self.key(patches).transpose(1, 2) * self.scale  # [B,S,N]
+        choice = hard_select(scores, tau, self.training)
+        # value() is linear, so selecting before projecting equals projecting every patch, at S/N the cost.
+        chosen = self.value(choice @ patches)
+        return (chosen + tokens) / 2, choice.argmax(-1)
+
+
+class RegionHeads(nn.Module):
+    """Per entity: its own LayerNorm, average pooling over its tokens, its own projection."""
+
+    def __init__(self, entities: tuple[str, ...], tokens_per_entity: int, width: int, embed_dim: int):
+        super().__init__()
+        self.entities = tuple(entities)
+        self.tokens_per_entity = tokens_per_entity
+        self.norms = nn.ModuleDict({e: nn.LayerNorm(width) for e in entities})
+        self.projs = nn.ModuleDict({e: nn.Linear(width, embed_dim, bias=False) for e in entities})
+
+    def init_from(self, norm: nn.Module | None, proj_weight: torch.Tensor | None) -> None:
+        """Start every head as a copy of the model's own final norm and projection (``proj_weight``
+        is [W, D] as in CLIP's ``visual.proj``), so region embeddings start in the joint space."""
+        with torch.no_grad():
+            for e in self.entities:
+                if norm is not None and getattr(norm, "weight", None) is not None:
+                    self.norms[e].weight.copy_(norm.weight)
+                    self.norms[e].bias.copy_(norm.bias)
+                if proj_weight is not None:
+                    self.projs[e].weight.copy_(proj_weight.t())
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens [B, S, W] entity-major -> {entity: [B, D]}."""
+        grouped = tokens.unflatten(1, (len(self.entities), self.tokens_per_entity))
+        return {e: self.projs[e](self.norms[e](grouped[:, i]).mean(1)) for i, e in enumerate(self.entities)}
+
+
+class E2Adapter(nn.Module):
+    """All of E2's parameters for one tower: selection tokens, fusion blocks, region heads (and, for
+    the gated preset, the zero-initialised gate through which the tokens reach the global embedding)."""
+
+    def __init__(self, config: E2Config, width: int, embed_dim: int, num_blocks: int):
+        super().__init__()
+        self.config = config
+        self.fusion_after = config.resolve_fusion_after(num_blocks)
+        self.tau = config.gumbel_tau  # plain attribute: trainers anneal it
+        self.tokens = nn.Parameter(torch.randn(config.num_tokens, width) * width ** -0.5)
+        self.fusions = nn.ModuleList(FusionBlock(width, config.qk_rank) for _ in self.fusion_after)
+        self.heads = RegionHeads(config.entities, config.tokens_per_entity, width, embed_dim)
+        self.gate = nn.Parameter(torch.zeros(width)) if config.gated else None
+
+    def init_tokens_from(self, cls_token: torch.Tensor, noise_std: float = 0.02) -> None:
+        """token_init='cls': every token starts at the class token (with its position), told apart by noise."""
+        with torch.no_grad():
+            self.tokens.copy_(cls_token.to(self.tokens) + noise_std * torch.randn_like(self.tokens))
+
+    def parameter_groups(self) -> dict[str, int]:
+        """Parameter counts by part, for reports."""
+        count = lambda ps: sum(p.numel() for p in ps)
+        groups = {"tokens": self.tokens.numel(), "fusion": count(self.fusions.parameters()),
+                  "heads": count(self.heads.parameters())}
+        if self.gate is not None:
+            groups["gate"] = self.gate.numel()
+        return groups
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"entities={c.entities}, tokens_per_entity={c.tokens_per_entity}, fusion_after={self.fusion_after}, "
+                f"qk_rank={c.qk_rank}, gated={c.gated}")

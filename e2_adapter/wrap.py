@@ -1,0 +1,139 @@
+"""Lay E2 into a CLIP in place, take it out again, and the small utilities around that.
+
+After ``wrap(model)`` the vision tower has a child ``e2`` (all new parameters, state-dict prefix
+``<tower>.e2.``) and an instance-level ``forward`` that runs the E2 tower; nothing else changes, so
+the original state-dict keys, peft target names and ``encode_image``/``encode_text`` stay as they were.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import VisionBackend, backend_for, unwrap_peft
+from .config import E2Config
+from .modules import E2Adapter
+from .tower import E2Output, E2VisionForward, e2_forward
+
+
+class NotWrappedError(ValueError):
+    pass
+
+
+def _installed_forward(model: nn.Module) -> E2VisionForward | None:
+    for module in unwrap_peft(model).modules():
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, E2VisionForward):
+            return fwd
+    return None
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return _installed_forward(model) is not None
+
+
+def get_backend(model: nn.Module) -> VisionBackend:
+    """The family backend of a wrapped model (for trainers: encode_text, logit_scale, ...)."""
+    fwd = _installed_forward(model)
+    return fwd.backend if fwd is not None else backend_for(model)
+
+
+def get_adapter(model: nn.Module) -> E2Adapter:
+    fwd = _installed_forward(model)
+    if fwd is None:
+        raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2: call e2_adapter.wrap(model) first")
+    return fwd.backend.tower.e2
+
+
+def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, preset: str | None = None,
+         **overrides) -> nn.Module:
+    """Patch ``model``'s vision tower with E2's selection tokens and fusion blocks, in place.
+
+    ``wrap(model)``, ``wrap(model, entities=("brand",))``, ``wrap(model, preset="lean")`` or
+    ``wrap(model, config=E2Config(...))``. Returns the same model object.
+    """
+    if is_wrapped(model):
+        raise ValueError(f"{type(model).__name__} is already wrapped with E2; call e2_adapter.unwrap(model) "
+                         "first to re-wrap it with another config")
+    if config is None:
+        if entities is not None:
+            overrides["entities"] = entities
+        config = E2Config.from_preset(preset or "faithful", **overrides)
+    elif entities is not None or preset is not None or overrides:
+        raise ValueError("pass either config=E2Config(...) or keyword options (entities=, preset=, ...), not both")
+
+    backend = backend_for(model)  # raises a clear error for unsupported models, model untouched
+    config = config.with_model_info(family=backend.family, width=backend.width, embed_dim=backend.embed_dim,
+                                    num_blocks=backend.num_blocks)
+    adapter = E2Adapter(config, backend.width, backend.embed_dim, backend.num_blocks)
+    if config.token_init == "cls":
+        adapter.init_tokens_from(backend.class_token().detach().float())
+    adapter.heads.init_from(backend.final_norm, _detached(backend.projection_weight()))
+    adapter.to(device=backend.parameter_device(), dtype=backend.parameter_dtype())
+    adapter.train(backend.tower.training)
+
+    tower = backend.tower
+    tower.e2 = adapter
+    tower.forward = E2VisionForward(backend)
+    return model
+
+
+def _detached(t):
+    return None if t is None else t.detach().float()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove E2 in place: the model computes exactly its original forward again. Returns it."""
+    fwd = _installed_forward(model)
+    if fwd is None:
+        raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2; nothing to unwrap")
+    tower = fwd.backend.tower
+    del tower.forward  # the class's own forward shows through again
+    del tower.e2
+    return model
+
+
+def encode_image_regions(model: nn.Module, images: torch.Tensor, **kwargs) -> E2Output:
+    """Global embedding, one embedding per entity, and the patches each token selected."""
+    fwd = _installed_forward(model)
+    if fwd is None:
+        raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2: call e2_adapter.wrap(model) first")
+    return e2_forward(fwd.backend, fwd.backend.tower.e2, images, **kwargs)
+
+
+def adapter_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return list(get_adapter(model).named_parameters())
+
+
+def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:
+    """Stage 1 of the recipe: freeze everything except E2's parameters."""
+    adapter = get_adapter(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """trainable, total, and (when wrapped) E2's parts: tokens, fusion, heads, gate, adapter."""
+    params = {id(p): p for p in model.parameters()}.values()  # shared parameters once
+    counts = {"trainable": sum(p.numel() for p in params if p.requires_grad),
+              "total": sum(p.numel() for p in params)}
+    if is_wrapped(model):
+        groups = get_adapter(model).parameter_groups()
+        counts.update(groups)
+        counts["adapter"] = sum(groups.values())
+    return counts
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """peft's one-line report, plus E2's share when the model is wrapped."""
+    c = count_parameters(model)
+    line = (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+            f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f}")
+    if "adapter" in c:
+        base = c["total"] - c["adapter"]
+        line += (f" || e2 params: {c['adapter']:,} ({100 * c['adapter'] / max(base, 1):.2f}% of the base model: "
+                 f"tokens {c['tokens']:,}, fusion {c['fusion']:,}, heads {c['heads']:,})")
+    print(line)
+    return line
