@@ -14,9 +14,6 @@ from torch import nn
 
 FAMILIES = ("open_clip", "openai", "hf")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 # Small ViT CLIPs for CPU work. Depth 6 keeps E2's layout meaningful (fusion after blocks 4 and 5).
 TINY_CONFIGS: dict[str, dict] = {
     "tiny": dict(embed_dim=64, image_size=32, patch_size=8, vision_width=64, vision_layers=6,
@@ -52,6 +49,12 @@ def bpe_tokenizer(context_length: int) -> Callable[[list[str]], torch.Tensor]:
     """CLIP's BPE (the vocabulary open_clip ships), truncating to the context length."""
     from open_clip.tokenizer import SimpleTokenizer
     return SimpleTokenizer(context_length=context_length)
+
+
+def clip_transform(image_size: int) -> Callable:
+    """CLIP's evaluation transform (resize, centre crop, CLIP mean/std) from open_clip."""
+    from open_clip import image_transform
+    return image_transform(image_size, is_train=False)
 
 
 def _tiny_open_clip(cfg: dict) -> nn.Module:
@@ -111,8 +114,7 @@ def create_clip(family: str = "open_clip", model_name: str = "tiny", pretrained:
                              "or a path saved by `e2-adapter pretrain`")
         cfg = tiny_config(model_name, image_size)
         model = _TINY_BUILDERS[family](cfg).to(device)
-        from .data.datasets import default_transform
-        return ClipBundle(model, bpe_tokenizer(cfg["context_length"]), default_transform(cfg["image_size"]),
+        return ClipBundle(model, bpe_tokenizer(cfg["context_length"]), clip_transform(cfg["image_size"]),
                           family, cfg["image_size"])
     return _create_pretrained(family, model_name, pretrained, device)
 
@@ -133,8 +135,7 @@ def _create_pretrained(family: str, model_name: str, pretrained: str | None, dev
         return ClipBundle(model, lambda texts: clip.tokenize(texts, context_length=ctx, truncate=True),
                           preprocess, family, model.visual.input_resolution)
     from transformers import CLIPModel
-    from .data.datasets import default_transform
     model = CLIPModel.from_pretrained(model_name).to(device)
     size = model.config.vision_config.image_size
     return ClipBundle(model, bpe_tokenizer(model.config.text_config.max_position_embeddings),
-                      default_transform(size), family, size)
+                      clip_transform(size), family, size)
