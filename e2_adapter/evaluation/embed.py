@@ -1,0 +1,103 @@
+"""From a model and a catalogue to embeddings, and from embeddings to the named protocols.
+
+Works on a wrapped E2 model, an unwrapped CLIP of any supported family, or (via load_adapter) an
+adapter directory: everything goes through the family backend's encode_image / encode_text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..backends import VisionBackend
+from ..data.catalogue import ProductCatalogue
+from ..data.datasets import EvalImages, collate
+from ..wrap import encode_image_regions, get_backend, is_wrapped
+from .linear_probe import probe_entities
+from .retrieval import PROTOCOLS
+
+
+@dataclass
+class CatalogueEmbeddings:
+    image: torch.Tensor                # [N, D] one row per image
+    image_products: torch.Tensor       # [N] product index of each image
+    text: torch.Tensor                 # [P, D] one text per product
+    regions: dict[str, torch.Tensor] | None = None   # entity -> [N, D] (wrapped models only)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def embed_texts(backend: VisionBackend, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    device = _device_of(backend.model)
+    chunks = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
+              for i in range(0, len(texts), batch_size)]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, views: str = "first",
+                    batch_size: int = 128, regions: bool = False, num_workers: int = 0) -> CatalogueEmbeddings:
+    was_training = model.training
+    model.eval()
+    backend = get_backend(model)
+    device = _device_of(model)
+    want_regions = regions and is_wrapped(model)
+    images, products, region_rows = [], [], {}
+    loader = DataLoader(EvalImages(catalogue, transform, views=views), batch_size=batch_size,
+                        collate_fn=collate, num_workers=num_workers)
+    for batch in loader:
+        pixels = batch["image"].to(device)
+        if want_regions:
+            out = encode_image_regions(model, pixels)
+            images.append(out.image.float().cpu())
+            for e, v in out.regions.items():
+                region_rows.setdefault(e, []).append(v.float().cpu())
+        else:
+            images.append(backend.encode_image(pixels).float().cpu())
+        products.append(batch["product"])
+    text = embed_texts(backend, tokenizer, catalogue.texts())
+    model.train(was_training)
+    return CatalogueEmbeddings(torch.cat(images), torch.cat(products), text,
+                               {e: torch.cat(v) for e, v in region_rows.items()} if want_regions else None)
+
+
+def retrieval_metrics(emb_first: CatalogueEmbeddings, catalogue: ProductCatalogue, protocols=("product-full",),
+                      emb_all: CatalogueEmbeddings | None = None, seed: int = 0) -> dict[str, dict]:
+    """Run the named protocols (spec section 5). image-full needs ``emb_all`` (every view)."""
+    results = {}
+    for name in protocols:
+        if name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
+        if name == "product-full":
+            results[name] = PROTOCOLS[name](emb_first.image, emb_first.text)
+        elif name == "sample-100":
+            results[name] = PROTOCOLS[name](emb_first.image, emb_first.text, catalogue.groups(), seed=seed)
+        else:
+            if emb_all is None:
+                raise ValueError("image-full needs the embeddings of every view (views='all')")
+            results[name] = PROTOCOLS[name](emb_all.image, emb_all.image_products, emb_all.text,
+                                            torch.arange(len(catalogue)))
+    return results
+
+
+def evaluate(model, catalogue: ProductCatalogue, transform, tokenizer, protocols=("product-full",),
+             batch_size: int = 128, seed: int = 0) -> dict[str, dict]:
+    """Retrieval on a validation catalogue under each named protocol."""
+    first = embed_catalogue(model, catalogue, transform, tokenizer, "first", batch_size)
+    every = embed_catalogue(model, catalogue, transform, tokenizer, "all", batch_size) \
+        if "image-full" in protocols else None
+    return retrieval_metrics(first, catalogue, protocols, every, seed)
+
+
+def linear_probe_entities(model, train: ProductCatalogue, test: ProductCatalogue, transform, tokenizer,
+                          entities=None, batch_size: int = 128) -> dict[str, float]:
+    """Per-entity linear probe accuracy (%) on frozen global image embeddings (spec section 6)."""
+    entities = tuple(entities or test.entities)
+    tr = embed_catalogue(model, train, transform, tokenizer, "first", batch_size)
+    te = embed_catalogue(model, test, transform, tokenizer, "first", batch_size)
+    train_tags, test_tags = train.all_tags(), test.all_tags()
+    return probe_entities(tr.image, {e: train_tags[e] for e in entities}, te.image, {e: test_tags[e] for e in entities})

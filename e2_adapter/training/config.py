@@ -1,0 +1,85 @@
+"""TrainConfig: the recipe as data. Defaults are the paper's (spec section 3); every field can be set
+from a JSON file (``--config``) and then from command-line flags."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..config import DEFAULT_ENTITIES
+
+METHODS = ("e2", "clip-ft", "clip-ft-tags")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "e2"                 # e2 | clip-ft (baseline) | clip-ft-tags (tag losses on CLS, no E2)
+    preset: str = "faithful"           # E2 preset: faithful | lean | gated
+    entities: tuple[str, ...] = DEFAULT_ENTITIES
+    tokens_per_entity: int = 2
+    fusion_after: tuple[int, ...] | None = None   # () = no fusion blocks (an ablation)
+    # Stage 1: only E2's new parameters train. Stage 2: everything (or LoRA + E2 when lora_rank > 0).
+    stage1_epochs: float = 5
+    stage1_lr: float = 5e-4
+    stage2_epochs: float = 20
+    stage2_lr: float = 5e-5
+    adapter_lr: float | None = None    # E2 parameters' lr in stage 2 (default: stage2_lr)
+    stage1_steps: int | None = None    # explicit step counts override the epochs
+    stage2_steps: int | None = None
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    global_weight: float = 0.5         # loss = global_weight * global + region_weight * mean(region)
+    region_weight: float = 0.5
+    tau_start: float = 1.0             # Gumbel temperature, annealed linearly over all steps
+    tau_end: float = 1.0
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] | None = None   # default: the family's MLP linears
+    amp: str = "auto"                  # auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | none
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    eval_protocol: str = "product-full"
+    eval_every: int = 0                # steps between validations (0: at each epoch end)
+    checkpoint_every: int = 0          # steps between checkpoints (0: at each epoch end only)
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    log_every: int = 10
+
+    def __post_init__(self):
+        self.entities = tuple(self.entities)
+        self.betas = tuple(self.betas)
+        if self.fusion_after is not None:
+            self.fusion_after = tuple(self.fusion_after)
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: contrastive losses need in-batch negatives")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
+        if self.amp not in ("auto", "fp16", "bf16", "none"):
+            raise ValueError(f"amp must be auto, fp16, bf16 or none, got {self.amp!r}")
+        for name in ("stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        return cls.from_dict({**json.loads(path.read_text()), **overrides})

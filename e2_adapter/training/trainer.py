@@ -1,0 +1,361 @@
+"""The two-stage E2 recipe, readable top to bottom:
+
+    prepare the model (wrap for E2, LoRA if asked)
+    for each stage (1: only E2's new parameters; 2: everything):
+        for each step: a batch of products (one random view each) -> loss -> optimizer step
+        at each epoch end: validate (SumR), checkpoint, keep the best
+The same loop trains the CLIP-FT baseline (method "clip-ft"), so comparisons differ only in the method.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import wrap as e2wrap
+from ..config import E2Config
+from ..data.catalogue import ProductCatalogue
+from ..data.datasets import TrainViews, collate
+from ..evaluation.embed import evaluate
+from ..evaluation.report import save_json
+from ..io import save_adapter
+from ..losses import clip_loss, deduplicate, e2_loss
+from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from .config import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    adapter_only: bool
+
+
+@dataclass
+class TrainState:
+    stage: int = 0           # index into the stage list
+    stage_step: int = 0      # optimizer steps done in this stage
+    step: int = 0            # optimizer steps done overall
+    best_sumr: float = -math.inf
+    best_step: int = -1
+    history: list = field(default_factory=list)
+
+
+# --- model preparation ------------------------------------------------------------------------
+
+DEFAULT_LORA_TARGETS = {"open_clip": ("c_fc", "c_proj"), "openai": ("c_fc", "c_proj"), "hf": ("fc1", "fc2")}
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
+    """E2: wrap the vision tower. LoRA: add peft adapters to both towers (E2 stays trainable)."""
+    if cfg.method == "e2":
+        e2wrap.wrap(model, config=E2Config.from_preset(
+            cfg.preset, entities=cfg.entities, tokens_per_entity=cfg.tokens_per_entity,
+            fusion_after=cfg.fusion_after, gumbel_tau=cfg.tau_start))
+    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    elif cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+        targets = list(cfg.lora_targets or DEFAULT_LORA_TARGETS[family])
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets))
+    return model
+
+
+def stages_for(cfg: TrainConfig, steps_per_epoch: int, has_adapter: bool) -> list[Stage]:
+    s1 = cfg.stage1_steps if cfg.stage1_steps is not None else round(cfg.stage1_epochs * steps_per_epoch)
+    s2 = cfg.stage2_steps if cfg.stage2_steps is not None else round(cfg.stage2_epochs * steps_per_epoch)
+    stages = []
+    if has_adapter and s1 > 0:  # CLIP-FT has no new parameters, so no stage 1
+        stages.append(Stage("stage1", s1, cfg.stage1_lr, adapter_only=True))
+    if s2 > 0:
+        stages.append(Stage("stage2", s2, cfg.stage2_lr, adapter_only=False))
+    return stages
+
+
+def set_trainable(model: nn.Module, stage: Stage, lora: bool) -> list[dict]:
+    """Freeze per stage; return optimizer parameter groups (E2 parameters may get their own lr)."""
+    has_adapter = e2wrap.is_wrapped(model)
+    adapter_ids = {id(p) for p in e2wrap.get_adapter(model).parameters()} if has_adapter else set()
+    for name, p in model.named_parameters():
+        if stage.adapter_only:
+            p.requires_grad_(id(p) in adapter_ids)
+        elif lora:
+            p.requires_grad_(id(p) in adapter_ids or "lora_" in name)
+        else:
+            p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad], adapter_ids
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+class ContrastiveObjective(nn.Module):
+    """One module computing the whole loss, so DDP sees a single forward."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, tokenizer):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.tag_cache: dict[str, torch.Tensor] = {}  # valid while the text tower is frozen
+
+    def encode_tags(self, values: list[str], text_frozen: bool) -> torch.Tensor:
+        backend = e2wrap.get_backend(self.model)
+        device = next(self.model.parameters()).device
+        if not text_frozen:
+            self.tag_cache.clear()
+            return backend.encode_text(self.tokenizer(values).to(device))
+        missing = [v for v in values if v not in self.tag_cache]
+        if missing:
+            with torch.no_grad():
+                emb = backend.encode_text(self.tokenizer(missing).to(device)).detach()
+            self.tag_cache.update(zip(missing, emb))
+        return torch.stack([self.tag_cache[v] for v in values])
+
+    def forward(self, images: torch.Tensor, texts: list[str], tags: dict[str, list[str]], text_frozen: bool):
+        backend = e2wrap.get_backend(self.model)
+        device = images.device
+        with torch.no_grad() if text_frozen else nullcontext():
+            text = backend.encode_text(self.tokenizer(texts).to(device))
+        scale = backend.logit_scale
+        if self.cfg.method == "clip-ft":
+            return {"loss": clip_loss(backend.encode_image(images), text, scale)}
+        if self.cfg.method == "e2":
+            out = e2wrap.encode_image_regions(self.model, images)
+            image, regions = out.image, out.regions
+        else:  # clip-ft-tags: the tag losses on CLIP's own global embedding, no selection tokens
+            image = backend.encode_image(images)
+            regions = {e: image for e in self.cfg.entities}
+        # One text-tower call for every distinct tag value of every entity in the batch.
+        uniques, ids = {}, {}
+        for e in regions:
+            uniques[e], ids[e] = deduplicate(tags[e])
+        flat = [v for e in regions for v in uniques[e]]
+        flat_emb = self.encode_tags(flat, text_frozen)
+        tag_text, start = {}, 0
+        for e in regions:
+            tag_text[e] = flat_emb[start:start + len(uniques[e])]
+            start += len(uniques[e])
+        return e2_loss(image, text, regions, ids, tag_text, scale, self.cfg.global_weight, self.cfg.region_weight)
+
+
+# --- data order ---------------------------------------------------------------------------------
+
+def epoch_batches(num_products: int, catalogue: ProductCatalogue, batch_size: int, seed: int, epoch: int,
+                  rank: int = 0, world: int = 1) -> list[list[tuple[int, int]]]:
+    """The (product, view) pairs of every batch of an epoch, a pure function of (seed, epoch), so a
+    resumed run and an uninterrupted one see identical data. Each rank takes its share of a batch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_products, generator=g).tolist()
+    views = torch.rand(num_products, generator=g).tolist()
+    pairs = [(p, int(views[p] * catalogue.num_views(p))) for p in order]
+    full = len(pairs) // batch_size  # drop the last partial batch: contrastive losses like equal batches
+    return [pairs[i * batch_size:(i + 1) * batch_size][rank::world] for i in range(full)]
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, tokenizer, transform, train: ProductCatalogue,
+                 val: ProductCatalogue | None, cfg: TrainConfig, out_dir: str | os.PathLike, family: str,
+                 progress: bool = True):
+        self.cfg, self.train_data, self.val_data = cfg, train, val
+        self.tokenizer, self.transform, self.family = tokenizer, transform, family
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.device = pick_device(cfg.device)
+        if self.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        missing = [e for e in cfg.entities if e not in train.entities] if cfg.method != "clip-ft" else []
+        if missing:
+            raise ValueError(f"entities {missing} are not tags of the training data (it has {train.entities}); "
+                             "pass --entities with a subset of those")
+        if len(train) < cfg.batch_size:
+            raise ValueError(f"the training data has {len(train)} products, fewer than one batch of "
+                             f"{cfg.batch_size}; lower --batch-size")
+        torch.manual_seed(cfg.seed)
+        self.model = prepare_model(model, cfg, family).to(self.device)
+        self.objective = ContrastiveObjective(self.model, cfg, tokenizer)
+        self.steps_per_epoch = len(train) // cfg.batch_size
+        self.stages = stages_for(cfg, self.steps_per_epoch, e2wrap.is_wrapped(self.model))
+        self.total_steps = sum(s.steps for s in self.stages)
+        self.state = TrainState()
+        self.amp = amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+
+    # -- the recipe ----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainState:
+        checkpoint = load_checkpoint(self.out / "checkpoint_last.pt") if resume else None
+        if checkpoint:
+            self.model.load_state_dict(checkpoint["model"])
+            self.state = TrainState(**checkpoint["state"])
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(self.out / "train_config.json", self.cfg.to_dict())
+        for index in range(self.state.stage, len(self.stages)):
+            stage = self.stages[index]
+            if index != self.state.stage:
+                self.state.stage, self.state.stage_step = index, 0
+            optimizer, scheduler = self.make_optimizer(stage)
+            if checkpoint and checkpoint["state"]["stage"] == index:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                scheduler.load_state_dict(checkpoint["scheduler"])
+                self.scaler.load_state_dict(checkpoint["scaler"])
+                set_rng_state(checkpoint["rng"])
+            self.run_stage(stage, optimizer, scheduler)
+        if self.is_main and self.state.best_step < 0:  # no validation data: the final model is "best"
+            self.save_best()
+        return self.state
+
+    def make_optimizer(self, stage: Stage):
+        from transformers import get_cosine_schedule_with_warmup
+        params, adapter_ids = set_trainable(self.model, stage, self.cfg.lora_rank > 0)
+        adapter_lr = stage.lr if stage.adapter_only or self.cfg.adapter_lr is None else self.cfg.adapter_lr
+        groups = [{"params": [p for p in params if id(p) not in adapter_ids], "lr": stage.lr},
+                  {"params": [p for p in params if id(p) in adapter_ids], "lr": adapter_lr}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
+        warmup = min(self.cfg.warmup_steps, max(stage.steps // 10, 1))
+        return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, stage.steps)
+
+    def run_stage(self, stage: Stage, optimizer, scheduler) -> None:
+        objective = self.objective
+        if self.distributed:
+            objective = nn.parallel.DistributedDataParallel(self.objective, find_unused_parameters=True)
+        text_frozen = stage.adapter_only  # stage 1: the text tower does not train
+        self.model.train()
+        bar = tqdm(total=stage.steps, initial=self.state.stage_step, desc=stage.name,
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        while self.state.stage_step < stage.steps:
+            epoch, offset = divmod(self.state.stage_step * self.cfg.grad_accum, self.steps_per_epoch)
+            batches = epoch_batches(len(self.train_data), self.train_data, self.cfg.batch_size,
+                                    self.cfg.seed + 7919 * self.state.stage, epoch, self.rank, self.world)
+            loader = DataLoader(TrainViews(self.train_data, self.transform), batch_sampler=batches[offset:],
+                                collate_fn=collate, num_workers=self.cfg.num_workers)
+            tic, micro = time.perf_counter(), 0
+            for batch in loader:
+                self.anneal_tau()
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    parts = objective(batch["image"].to(self.device), batch["text"], batch["tags"], text_frozen)
+                loss = parts["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.state.step} ({stage.name}); the last good "
+                        f"checkpoint is {self.out / 'checkpoint_last.pt'}. Lower the learning rate or use --amp bf16.")
+                self.scaler.scale(loss / self.cfg.grad_accum).backward()
+                micro += 1
+                if micro % self.cfg.grad_accum:
+                    continue
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                self.clamp_logit_scale()
+                self.state.stage_step += 1
+                self.state.step += 1
+                rate = self.cfg.batch_size * self.cfg.grad_accum / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+                self.log_step(parts, scheduler.get_last_lr()[0], rate, bar)
+                end_of_epoch = (self.state.stage_step * self.cfg.grad_accum) % self.steps_per_epoch == 0
+                done = self.state.stage_step >= stage.steps
+                if (self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0) or \
+                        (not self.cfg.eval_every and (end_of_epoch or done)):
+                    self.validate()
+                if end_of_epoch or done or (self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0):
+                    self.save_checkpoint(optimizer, scheduler)
+                if done or end_of_epoch:
+                    break
+        bar.close()
+
+    # -- pieces --------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def anneal_tau(self) -> None:
+        if e2wrap.is_wrapped(self.model):
+            frac = self.state.step / max(self.total_steps - 1, 1)
+            e2wrap.get_adapter(self.model).tau = self.cfg.tau_start + frac * (self.cfg.tau_end - self.cfg.tau_start)
+
+    def clamp_logit_scale(self) -> None:
+        scale = e2wrap.get_backend(self.model).logit_scale
+        if scale is not None:
+            with torch.no_grad():
+                scale.clamp_(0, math.log(100))  # CLIP's cap
+
+    def log_step(self, parts: dict, lr: float, rate: float, bar) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['loss'].item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        if self.is_main and (self.state.step % self.cfg.log_every == 0 or self.state.step == 1):
+            row = {"step": self.state.step, "stage": self.stages[self.state.stage].name, "lr": lr,
+                   "images_per_s": rate, **{k: v.item() for k, v in parts.items()}}
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def validate(self) -> None:
+        if self.val_data is None or not self.is_main:
+            if self.distributed:
+                dist.barrier()
+            return
+        metrics = evaluate(self.model, self.val_data, self.transform, self.tokenizer, (self.cfg.eval_protocol,))
+        result = metrics[self.cfg.eval_protocol]
+        row = {"step": self.state.step, "protocol": self.cfg.eval_protocol, **{k: v for k, v in result.items()
+                                                                                 if isinstance(v, (int, float))}}
+        self.state.history.append(row)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"eval": row}) + "\n")
+        if result["SumR"] > self.state.best_sumr:
+            self.state.best_sumr, self.state.best_step = result["SumR"], self.state.step
+            self.save_best()
+        self.model.train()
+        if self.distributed:
+            dist.barrier()
+
+    def base_model(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def save_best(self) -> None:
+        """The best model: full weights (both towers train in stage 2) plus the E2 adapter alone."""
+        best = self.out / "best"
+        atomic_torch_save(self.base_model().state_dict(), best / "model.pt")
+        if e2wrap.is_wrapped(self.model):
+            save_adapter(self.model, best / "adapter")
+
+    def save_checkpoint(self, optimizer, scheduler) -> None:
+        if not self.is_main:
+            return
+        atomic_torch_save({"model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                           "state": self.state.__dict__, "rng": rng_state(), "config": self.cfg.to_dict()},
+                          self.out / "checkpoint_last.pt")

@@ -1,0 +1,45 @@
+"""peft LoRA stacks with E2 in both orders, and both kinds of new parameters train."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import e2_adapter
+from conftest import make_tiny
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["c_fc", "c_proj"])
+
+
+def train_steps(model, images, steps=5):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.randn(images.shape[0], 64)
+    losses = []
+    for _ in range(steps):
+        out = e2_adapter.encode_image_regions(model, images)
+        loss = (out.image - target).pow(2).mean() + sum((v - target).pow(2).mean() for v in out.regions.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+
+@pytest.mark.parametrize("order", ["lora_then_e2", "e2_then_lora"])
+def test_lora_and_e2_train_together(order, images):
+    model = make_tiny("open_clip").train()
+    if order == "lora_then_e2":
+        model = e2_adapter.wrap(get_peft_model(model, LoraConfig(**LORA)))
+    else:
+        model = get_peft_model(e2_adapter.wrap(model), LoraConfig(**LORA))
+        e2_adapter.get_adapter(model).requires_grad_(True)  # peft froze everything but LoRA
+    assert e2_adapter.is_wrapped(model)
+    lora_before = lora_weights(model)
+    tokens_before = e2_adapter.get_adapter(model).tokens.detach().clone()
+    losses = train_steps(model, images)
+    assert losses[-1] < losses[0]
+    assert lora_before and any(not torch.equal(v, lora_weights(model)[n]) for n, v in lora_before.items())
+    assert not torch.equal(tokens_before, e2_adapter.get_adapter(model).tokens)
