@@ -33,14 +33,19 @@ def region_loss(region: torch.Tensor, value_ids: torch.Tensor, value_text: torch
     """Symmetric InfoNCE between B image-region embeddings and U distinct tag-value embeddings.
 
     image -> value: one positive among the U distinct values.
-    value -> image: every image carrying the value is a positive (uniform soft target).
+    value -> image: each image carrying the value is a positive scored against the images that do
+    not carry it (the other positives are left out of its denominator, as in SupCon), so a model
+    that puts every image of a brand on the brand's text reaches zero loss.
     """
     value_ids = value_ids.to(region.device)
     logits = logit_scale.exp().float() * _normalize(region) @ _normalize(value_text).t()  # [B, U]
     image_to_value = F.cross_entropy(logits, value_ids)
-    positives = F.one_hot(value_ids, value_text.shape[0]).t().float()  # [U, B]
-    targets = positives / positives.sum(1, keepdim=True)
-    value_to_image = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
+    scores = logits.t()                                                         # [U, B]
+    positive = F.one_hot(value_ids, value_text.shape[0]).t().bool()           # [U, B]
+    # -1e9 rather than -inf: a value every image carries has no negatives, and -inf would give NaN grads
+    negatives = torch.logsumexp(scores.masked_fill(positive, -1e9), dim=1, keepdim=True)
+    per_positive = torch.logaddexp(scores, negatives) - scores                 # -log p(positive | it + negatives)
+    value_to_image = ((per_positive * positive).sum(1) / positive.sum(1)).mean()
     return (image_to_value + value_to_image) / 2
 
 

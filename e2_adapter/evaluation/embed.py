@@ -48,7 +48,8 @@ def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, vi
     want_regions = regions and is_wrapped(model)
     images, products, region_rows = [], [], {}
     loader = DataLoader(EvalImages(catalogue, transform, views=views), batch_size=batch_size,
-                        collate_fn=collate, num_workers=num_workers)
+                        collate_fn=collate, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
     for batch in loader:
         pixels = batch["image"].to(device)
         if want_regions:

@@ -89,8 +89,8 @@ def stages_for(cfg: TrainConfig, steps_per_epoch: int, has_adapter: bool) -> lis
     return stages
 
 
-def set_trainable(model: nn.Module, stage: Stage, lora: bool) -> list[dict]:
-    """Freeze per stage; return optimizer parameter groups (E2 parameters may get their own lr)."""
+def set_trainable(model: nn.Module, stage: Stage, lora: bool) -> tuple[list[nn.Parameter], set[int]]:
+    """Freeze per stage; return the trainable parameters and the ids of E2's among them."""
     has_adapter = e2wrap.is_wrapped(model)
     adapter_ids = {id(p) for p in e2wrap.get_adapter(model).parameters()} if has_adapter else set()
     for name, p in model.named_parameters():
@@ -207,7 +207,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(model, cfg, family).to(self.device)
         self.objective = ContrastiveObjective(self.model, cfg, tokenizer)
-        self.steps_per_epoch = len(train) // cfg.batch_size
+        # An epoch is a whole number of optimizer steps of grad_accum batches each.
+        self.steps_per_epoch = max(len(train) // cfg.batch_size // cfg.grad_accum, 1)
+        self.batches_per_epoch = self.steps_per_epoch * cfg.grad_accum
         self.stages = stages_for(cfg, self.steps_per_epoch, e2wrap.is_wrapped(self.model))
         self.total_steps = sum(s.steps for s in self.stages)
         self.state = TrainState()
@@ -258,11 +260,14 @@ class Trainer:
         bar = tqdm(total=stage.steps, initial=self.state.stage_step, desc=stage.name,
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         while self.state.stage_step < stage.steps:
-            epoch, offset = divmod(self.state.stage_step * self.cfg.grad_accum, self.steps_per_epoch)
+            epoch, offset = divmod(self.state.stage_step, self.steps_per_epoch)
             batches = epoch_batches(len(self.train_data), self.train_data, self.cfg.batch_size,
                                     self.cfg.seed + 7919 * self.state.stage, epoch, self.rank, self.world)
-            loader = DataLoader(TrainViews(self.train_data, self.transform), batch_sampler=batches[offset:],
-                                collate_fn=collate, num_workers=self.cfg.num_workers)
+            batches = batches[offset * self.cfg.grad_accum:self.batches_per_epoch]
+            # Its own generator, so creating a loader never draws from the global RNG (exact resume).
+            loader = DataLoader(TrainViews(self.train_data, self.transform), batch_sampler=batches,
+                                collate_fn=collate, num_workers=self.cfg.num_workers,
+                                generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
             tic, micro = time.perf_counter(), 0
             for batch in loader:
                 self.anneal_tau()
@@ -287,7 +292,7 @@ class Trainer:
                 rate = self.cfg.batch_size * self.cfg.grad_accum / (time.perf_counter() - tic)
                 tic = time.perf_counter()
                 self.log_step(parts, scheduler.get_last_lr()[0], rate, bar)
-                end_of_epoch = (self.state.stage_step * self.cfg.grad_accum) % self.steps_per_epoch == 0
+                end_of_epoch = self.state.stage_step % self.steps_per_epoch == 0
                 done = self.state.stage_step >= stage.steps
                 if (self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0) or \
                         (not self.cfg.eval_every and (end_of_epoch or done)):

@@ -1,0 +1,196 @@
+"""``e2-adapter`` command line. Thin: parse flags, call the library.
+
+    e2-adapter synth --out data/ --products 2000 --seed 0
+    e2-adapter train --train data/fashionsynth_train.h5 --val data/fashionsynth_validation.h5 --out runs/e2
+    e2-adapter eval  --data data/fashionsynth_validation.h5 --checkpoint runs/e2/best --protocols sample-100
+    e2-adapter demo  [--quick]
+    e2-adapter caption ... / e2-adapter cir ...   (the integrations' own commands)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+
+from .training.config import TrainConfig
+
+
+# --- data and models from flags ------------------------------------------------------------------
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="open_clip", choices=("open_clip", "openai", "hf"))
+    p.add_argument("--model", default="small", help="a tiny config (tiny, small) or the family's model name")
+    p.add_argument("--pretrained", default=None,
+                   help="none, the family's tag (e.g. openai), or a .pt state dict saved by this project")
+    p.add_argument("--image-size", type=int, default=None, help="input size for tiny configs")
+
+
+def load_bundle(args, device="cpu"):
+    from .zoo import create_clip
+    pretrained = args.pretrained
+    state_path = Path(pretrained) if pretrained and pretrained.endswith(".pt") else None
+    bundle = create_clip(args.family, args.model, None if state_path else pretrained, args.image_size, device)
+    if state_path is not None:
+        if not state_path.is_file():
+            raise SystemExit(f"--pretrained {state_path}: no such file")
+        bundle.model.load_state_dict(torch.load(state_path, map_location=device))
+    return bundle
+
+
+def add_data_flags(p: argparse.ArgumentParser, *names: str) -> None:
+    p.add_argument("--format", default="fashiongen", choices=("fashiongen", "amazon", "manifest"),
+                   help="fashiongen: FashionGen-schema h5 (FashionSynth too); amazon: meta JSONL; manifest: CSV/JSONL")
+    for name in names:
+        p.add_argument(f"--{name}", required=name != "val", help=f"{name} data file")
+    p.add_argument("--images", help="image folder (amazon)")
+    p.add_argument("--split-file", help="split file (amazon)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--product-column", default=None)
+    p.add_argument("--max-products", type=int, default=None)
+
+
+def open_catalogue(args, path: str, entities, split: str = "train"):
+    from .data import AmazonFashion, FashionGenH5, ManifestCatalogue
+    if args.format == "fashiongen":
+        return FashionGenH5(path, entities=entities, max_products=args.max_products)
+    if args.format == "amazon":
+        if not args.images:
+            raise SystemExit("--format amazon needs --images (the folder of <asin>.jpg files)")
+        return AmazonFashion(path, args.images, args.split_file, split=split)
+    return ManifestCatalogue(path, image_column=args.image_column, text_column=args.text_column,
+                             product_column=args.product_column, tag_columns=tuple(entities))
+
+
+# --- TrainConfig fields become flags ---------------------------------------------------------------
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint, default = hints[f.name], f.default if f.default is not MISSING else None
+        text = str(hint)
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif "tuple" in text:
+            elem = float if "float" in text else int if "int" in text else str
+            p.add_argument(flag, nargs="*", type=elem, default=None, metavar=f.name.upper())
+        else:
+            kind = int if "int" in text and "float" not in text else float if "float" in text else str
+            p.add_argument(flag, type=kind, default=None, help=f"default {default}")
+
+
+def train_config_from(args) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return TrainConfig.from_file(args.config, **given) if args.config else TrainConfig(**given)
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def cmd_synth(args) -> None:
+    from .data import write_fashionsynth
+    train, val = write_fashionsynth(args.out, products=args.products, val_products=args.val_products,
+                                    seed=args.seed, image_size=args.image_size)
+    print(f"wrote {train} and {val}")
+
+
+def cmd_train(args) -> None:
+    from .training.distributed import init_distributed
+    from .training.trainer import Trainer
+    cfg = train_config_from(args)
+    init_distributed()
+    bundle = load_bundle(args)
+    train = open_catalogue(args, args.train, cfg.entities, "train")
+    val = open_catalogue(args, args.val, cfg.entities, "test") if args.val else None
+    trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg, args.out, bundle.family)
+    state = trainer.fit(resume=args.resume)
+    if trainer.is_main:
+        print(json.dumps({"best_SumR": state.best_sumr, "best_step": state.best_step, "steps": state.step}))
+
+
+def cmd_eval(args) -> None:
+    from .evaluation.embed import evaluate, linear_probe_entities
+    from .evaluation.report import results_to_markdown, save_json
+    from .io import load_adapter
+    bundle = load_bundle(args)
+    model = bundle.model
+    if args.checkpoint:  # a trainer's best/ folder: full weights (+ adapter config)
+        ckpt = Path(args.checkpoint)
+        if (ckpt / "adapter").is_dir():
+            load_adapter(model, ckpt / "adapter")
+        model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
+    elif args.adapter:
+        load_adapter(model, args.adapter)
+    entities = tuple(args.entities) if args.entities else None
+    data = open_catalogue(args, args.data, entities or ("brand", "season", "subcategory", "composition"), "test")
+    results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed)
+    if args.probe_train:
+        train = open_catalogue(args, args.probe_train, data.entities, "train")
+        results["linear-probe"] = linear_probe_entities(model, train, data, bundle.preprocess, bundle.tokenizer)
+    print(results_to_markdown({p: r for p, r in results.items() if p != "linear-probe"}, name_header="protocol"))
+    if "linear-probe" in results:
+        print(results_to_markdown({"accuracy": results["linear-probe"]}, name_header="linear probe"))
+    if args.json:
+        save_json(args.json, results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2-adapter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write FashionSynth h5 files in FashionGen's schema")
+    p.add_argument("--out", required=True)
+    p.add_argument("--products", type=int, default=2000)
+    p.add_argument("--val-products", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="fine-tune with E2 or the CLIP-FT baseline (two-stage recipe)")
+    add_model_flags(p)
+    add_data_flags(p, "train", "val")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+    p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+    add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="retrieval protocols and linear probes")
+    add_model_flags(p)
+    add_data_flags(p, "data")
+    p.add_argument("--checkpoint", help="a trainer's best/ folder")
+    p.add_argument("--adapter", help="an adapter folder (E2 weights only) to load into the base model")
+    p.add_argument("--protocols", nargs="+", default=["product-full", "sample-100"],
+                   choices=("product-full", "image-full", "sample-100"))
+    p.add_argument("--probe-train", help="training data for per-entity linear probes")
+    p.add_argument("--entities", nargs="*")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="end-to-end FashionSynth comparison of CLIP-FT and E2 (CPU)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: __import__("e2_adapter.demo", fromlist=["run"]).run(a))
+
+    for name, module in (("caption", "integrations.captioning.cli"), ("cir", "integrations.cir.cli")):
+        p = sub.add_parser(name, help=f"{name} integration (see `e2-adapter {name} -h`)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
