@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import wrap as e2wrap
+from ..wrap import encode_image_regions, get_adapter, get_backend, is_wrapped, wrap
 from ..config import E2Config
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
@@ -64,7 +64,7 @@ DEFAULT_LORA_TARGETS = {"open_clip": ("c_fc", "c_proj"), "openai": ("c_fc", "c_p
 def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
     """E2: wrap the vision tower. LoRA: add peft adapters to both towers (E2 stays trainable)."""
     if cfg.method == "e2":
-        e2wrap.wrap(model, config=E2Config.from_preset(
+        wrap(model, config=E2Config.from_preset(
             cfg.preset, entities=cfg.entities, tokens_per_entity=cfg.tokens_per_entity,
             fusion_after=cfg.fusion_after, gumbel_tau=cfg.tau_start))
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
@@ -91,8 +91,8 @@ def stages_for(cfg: TrainConfig, steps_per_epoch: int, has_adapter: bool) -> lis
 
 def set_trainable(model: nn.Module, stage: Stage, lora: bool) -> tuple[list[nn.Parameter], set[int]]:
     """Freeze per stage; return the trainable parameters and the ids of E2's among them."""
-    has_adapter = e2wrap.is_wrapped(model)
-    adapter_ids = {id(p) for p in e2wrap.get_adapter(model).parameters()} if has_adapter else set()
+    has_adapter = is_wrapped(model)
+    adapter_ids = {id(p) for p in get_adapter(model).parameters()} if has_adapter else set()
     for name, p in model.named_parameters():
         if stage.adapter_only:
             p.requires_grad_(id(p) in adapter_ids)
@@ -116,7 +116,7 @@ class ContrastiveObjective(nn.Module):
         self.tag_cache: dict[str, torch.Tensor] = {}  # valid while the text tower is frozen
 
     def encode_tags(self, values: list[str], text_frozen: bool) -> torch.Tensor:
-        backend = e2wrap.get_backend(self.model)
+        backend = get_backend(self.model)
         device = next(self.model.parameters()).device
         if not text_frozen:
             self.tag_cache.clear()
@@ -129,7 +129,7 @@ class ContrastiveObjective(nn.Module):
         return torch.stack([self.tag_cache[v] for v in values])
 
     def forward(self, images: torch.Tensor, texts: list[str], tags: dict[str, list[str]], text_frozen: bool):
-        backend = e2wrap.get_backend(self.model)
+        backend = get_backend(self.model)
         device = images.device
         with torch.no_grad() if text_frozen else nullcontext():
             text = backend.encode_text(self.tokenizer(texts).to(device))
@@ -137,7 +137,7 @@ class ContrastiveObjective(nn.Module):
         if self.cfg.method == "clip-ft":
             return {"loss": clip_loss(backend.encode_image(images), text, scale)}
         if self.cfg.method == "e2":
-            out = e2wrap.encode_image_regions(self.model, images)
+            out = encode_image_regions(self.model, images)
             image, regions = out.image, out.regions
         else:  # clip-ft-tags: the tag losses on CLIP's own global embedding, no selection tokens
             image = backend.encode_image(images)
@@ -210,7 +210,7 @@ class Trainer:
         # An epoch is a whole number of optimizer steps of grad_accum batches each.
         self.steps_per_epoch = max(len(train) // cfg.batch_size // cfg.grad_accum, 1)
         self.batches_per_epoch = self.steps_per_epoch * cfg.grad_accum
-        self.stages = stages_for(cfg, self.steps_per_epoch, e2wrap.is_wrapped(self.model))
+        self.stages = stages_for(cfg, self.steps_per_epoch, is_wrapped(self.model))
         self.total_steps = sum(s.steps for s in self.stages)
         self.state = TrainState()
         self.amp = amp_dtype(cfg, self.device)
@@ -309,12 +309,12 @@ class Trainer:
         return self.rank == 0
 
     def anneal_tau(self) -> None:
-        if e2wrap.is_wrapped(self.model):
+        if is_wrapped(self.model):
             frac = self.state.step / max(self.total_steps - 1, 1)
-            e2wrap.get_adapter(self.model).tau = self.cfg.tau_start + frac * (self.cfg.tau_end - self.cfg.tau_start)
+            get_adapter(self.model).tau = self.cfg.tau_start + frac * (self.cfg.tau_end - self.cfg.tau_start)
 
     def clamp_logit_scale(self) -> None:
-        scale = e2wrap.get_backend(self.model).logit_scale
+        scale = get_backend(self.model).logit_scale
         if scale is not None:
             with torch.no_grad():
                 scale.clamp_(0, math.log(100))  # CLIP's cap
@@ -354,7 +354,7 @@ class Trainer:
         """The best model: full weights (both towers train in stage 2) plus the E2 adapter alone."""
         best = self.out / "best"
         atomic_torch_save(self.base_model().state_dict(), best / "model.pt")
-        if e2wrap.is_wrapped(self.model):
+        if is_wrapped(self.model):
             save_adapter(self.model, best / "adapter")
 
     def save_checkpoint(self, optimizer, scheduler) -> None:

@@ -1,0 +1,20 @@
+"""Product data: one catalogue interface, its readers, and torch datasets over it."""
+
+from .amazon import AmazonFashion, read_amazon_metadata, read_amazon_split
+from .catalogue import Box, DataFormatError, ProductCatalogue
+from .datasets import CLIP_MEAN, CLIP_STD, EvalImages, TrainViews, collate, default_transform
+from .fashiongen import (DEFAULT_TEXT_TEMPLATE, FASHIONGEN_ENTITIES, FASHIONGEN_KEYS,
+                         FashionGenH5)
+from .manifest import ManifestCatalogue
+from .synth import (SYNTH_ENTITIES, TRAIN_FILE, VALIDATION_FILE, SynthWorld, make_world,
+                    write_fashionsynth)
+
+__all__ = [
+    "ProductCatalogue", "DataFormatError", "Box",
+    "FashionGenH5", "FASHIONGEN_KEYS", "FASHIONGEN_ENTITIES", "DEFAULT_TEXT_TEMPLATE",
+    "write_fashionsynth", "make_world", "SynthWorld", "SYNTH_ENTITIES", "TRAIN_FILE",
+    "VALIDATION_FILE",
+    "AmazonFashion", "read_amazon_metadata", "read_amazon_split",
+    "ManifestCatalogue",
+    "TrainViews", "EvalImages", "collate", "default_transform", "CLIP_MEAN", "CLIP_STD",
+]

@@ -1,0 +1,98 @@
+"""The one interface every product source answers.
+
+Training and evaluation only ever talk to a ``ProductCatalogue``, so FashionGen,
+FashionSynth, AmazonFashion and a user's own CSV are interchangeable. A
+catalogue is a list of *products*; each product has one text, one raw value per
+tag entity and one or more images (*views*).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+from PIL import Image
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+
+
+class DataFormatError(ValueError):
+    """A data file is missing or not laid out as expected.
+
+    Messages name the file, the offending key or column, and how to fix it.
+    """
+
+
+class ProductCatalogue(abc.ABC):
+    """Abstract product catalogue; products are indexed ``0 .. len(self) - 1``."""
+
+    #: tag entity names, e.g. ("brand", "season", "subcategory", "composition")
+    entities: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of products."""
+
+    @abc.abstractmethod
+    def num_views(self, p: int) -> int:
+        """Number of images of product ``p`` (at least 1)."""
+
+    @abc.abstractmethod
+    def load_image(self, p: int, view: int = 0) -> Image.Image:
+        """View ``view`` of product ``p`` as an RGB PIL image."""
+
+    @abc.abstractmethod
+    def text(self, p: int) -> str:
+        """The training text of product ``p``."""
+
+    @abc.abstractmethod
+    def tags(self, p: int) -> dict[str, str]:
+        """Raw tag value of product ``p`` for every entity in ``self.entities``."""
+
+    def group(self, p: int) -> str:
+        """Sub-category of product ``p`` (the sample-100 protocol groups by it); "" if unknown."""
+        self._check_product(p)
+        return ""
+
+    def product_id(self, p: int) -> str:
+        """The source's own identifier of product ``p`` (as a string for every source)."""
+        self._check_product(p)
+        return str(p)
+
+    def regions(self, p: int, view: int = 0) -> Optional[dict[str, Box]]:
+        """Entity boxes of one view, where the source knows them (synthetic data); else None."""
+        self._check_view(p, view)
+        return None
+
+    # Bulk accessors: evaluation needs every text / group at once. Readers whose
+    # per-item access is slow (h5) override these with column reads.
+    def texts(self) -> list[str]:
+        return [self.text(p) for p in range(len(self))]
+
+    def groups(self) -> list[str]:
+        return [self.group(p) for p in range(len(self))]
+
+    def product_ids(self) -> list[str]:
+        return [self.product_id(p) for p in range(len(self))]
+
+    def all_tags(self) -> dict[str, list[str]]:
+        """Entity -> the tag value of every product (linear probing, vocabularies)."""
+        rows = [self.tags(p) for p in range(len(self))]
+        return {e: [r[e] for r in rows] for e in self.entities}
+
+    # -- helpers for subclasses -------------------------------------------------
+    def _check_product(self, p: int) -> int:
+        n = len(self)
+        if not -n <= p < n:
+            raise IndexError(f"product index {p} out of range for {n} products")
+        return p % n
+
+    def _check_view(self, p: int, view: int) -> tuple[int, int]:
+        p = self._check_product(p)
+        n = self.num_views(p)
+        if not 0 <= view < n:
+            raise IndexError(f"view {view} out of range: product {p} has {n} view(s)")
+        return p, view
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(products={len(self)}, entities={self.entities})"

@@ -1,0 +1,150 @@
+"""The trainer on a tiny FashionSynth: both methods learn, resume is exact, errors are clear."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import e2_adapter
+from e2_adapter.data import FashionGenH5, write_fashionsynth
+from e2_adapter.training.config import TrainConfig
+from e2_adapter.training.trainer import Trainer, TrainingDiverged
+from e2_adapter.zoo import create_clip
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    train, val = write_fashionsynth(out, products=64, val_products=24, seed=0, image_size=32)
+    return train, val
+
+
+def make_trainer(synth, out, with_val=False, **overrides):
+    cfg = TrainConfig(**{"batch_size": 16, "stage1_steps": 2, "stage2_steps": 4, "warmup_steps": 1,
+                         "stage1_lr": 1e-3, "stage2_lr": 1e-3, **overrides})
+    bundle = create_clip("open_clip", "tiny", seed=0)
+    train = FashionGenH5(synth[0])
+    val = FashionGenH5(synth[1]) if with_val else None
+    return Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg, out, "open_clip",
+                   progress=False)
+
+
+def fixed_batch_loss(trainer):
+    from e2_adapter.data.datasets import TrainViews, collate
+    items = [TrainViews(trainer.train_data, trainer.transform)[(p, 0)] for p in range(16)]
+    batch = collate(items)
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer.objective(batch["image"], batch["text"], batch["tags"], text_frozen=False)["loss"].item()
+
+
+@pytest.mark.parametrize("method", ["e2", "clip-ft", "clip-ft-tags"])
+def test_a_few_steps_reduce_the_loss(synth, tmp_path, method):
+    trainer = make_trainer(synth, tmp_path, method=method, stage2_steps=8)
+    before = fixed_batch_loss(trainer)
+    trainer.fit()
+    assert fixed_batch_loss(trainer) < before
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert log and "loss" in log[0] and "images_per_s" in log[0]
+
+
+def test_stage1_trains_only_e2_and_stage2_everything(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, stage2_steps=0)
+    text_before = trainer.model.token_embedding.weight.clone()
+    tokens_before = e2_adapter.get_adapter(trainer.model).tokens.clone()
+    trainer.fit()
+    assert torch.equal(text_before, trainer.model.token_embedding.weight)
+    assert not torch.equal(tokens_before, e2_adapter.get_adapter(trainer.model).tokens)
+    assert [s.name for s in trainer.stages] == ["stage1"]
+    clip_ft = make_trainer(synth, tmp_path / "ft", method="clip-ft")
+    assert [s.name for s in clip_ft.stages] == ["stage2"]  # no new parameters, no stage 1
+
+
+def test_kill_and_resume_equals_uninterrupted(synth, tmp_path, monkeypatch):
+    reference = make_trainer(synth, tmp_path / "a", checkpoint_every=1)
+    reference.fit()
+
+    crashing = make_trainer(synth, tmp_path / "b", checkpoint_every=1)
+    original = Trainer.log_step
+
+    def crash_at_step_4(self, *args):
+        original(self, *args)
+        if self.state.step == 4:
+            raise KeyboardInterrupt("simulated kill")
+    monkeypatch.setattr(Trainer, "log_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    monkeypatch.setattr(Trainer, "log_step", original)
+
+    resumed = make_trainer(synth, tmp_path / "b", checkpoint_every=1)
+    resumed.fit(resume=True)
+    assert resumed.state.step == reference.state.step == 6
+    a, b = reference.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_validation_keeps_best_and_saves_adapter(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, with_val=True, eval_every=3, eval_protocol="sample-100")
+    state = trainer.fit()
+    assert state.history and state.best_step > 0
+    assert (tmp_path / "best" / "model.pt").is_file()
+    assert (tmp_path / "best" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(synth, tmp_path, monkeypatch):
+    trainer = make_trainer(synth, tmp_path, checkpoint_every=1)
+    import e2_adapter.training.trainer as t
+    real = t.e2_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(t, "e2_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="checkpoint_last.pt"):
+        trainer.fit()
+    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 2
+
+
+def test_bad_options_are_clear(synth, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="e3")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make_trainer(synth, tmp_path, batch_size=1000)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        make_trainer(synth, tmp_path / "empty").fit(resume=True)
+
+
+def test_lora_stage2_trains_lora_and_e2_only(synth, tmp_path):
+    trainer = make_trainer(synth, tmp_path, lora_rank=2, stage1_steps=0)
+    emb = trainer.model.get_base_model().token_embedding.weight.clone()
+    trainer.fit()
+    assert torch.equal(emb, trainer.model.get_base_model().token_embedding.weight)
+    assert any("lora_" in n and p.requires_grad for n, p in trainer.model.named_parameters())
+
+
+def test_cli_train_eval_and_ddp_two_processes(synth, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--family", "open_clip", "--model", "tiny", "--train", synth[0], "--batch-size", "16",
+              "--stage1-steps", "1", "--stage2-steps", "2", "--warmup-steps", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "e2_adapter.cli", "train", *common, "--val", synth[1], "--out", str(tmp_path / "ddp")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "best_SumR" in run.stdout
+    ev = subprocess.run([sys.executable, "-m", "e2_adapter.cli", "eval", "--family", "open_clip", "--model", "tiny",
+                         "--data", synth[1], "--checkpoint", str(tmp_path / "ddp" / "best"),
+                         "--protocols", "product-full", "sample-100", "--probe-train", synth[0],
+                         "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= results["sample-100"]["SumR"] <= 600 and set(results["linear-probe"]) >= {"brand", "season"}
