@@ -18,6 +18,9 @@ FAMILIES = ("open_clip", "openai", "hf")
 TINY_CONFIGS: dict[str, dict] = {
     "tiny": dict(embed_dim=64, image_size=32, patch_size=8, vision_width=64, vision_layers=6,
                  vision_heads=2, context_length=32, text_width=64, text_layers=2, text_heads=2),
+    # The demo's model: 64 px images in a 4 x 4 grid of 16 px patches (ViT-B/32's 7 x 7 grid, scaled down).
+    "demo": dict(embed_dim=64, image_size=64, patch_size=16, vision_width=96, vision_layers=6,
+                 vision_heads=3, context_length=48, text_width=64, text_layers=2, text_heads=2),
     "small": dict(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=6,
                   vision_heads=4, context_length=64, text_width=128, text_layers=4, text_heads=4),
 }
