@@ -23,7 +23,8 @@ class E2Config:
     entities: the tag entities, each with its own selection tokens and region head.
     tokens_per_entity: selection tokens per entity (the paper uses 2).
     fusion_after: 1-based indices of the blocks after which a fusion block runs; ``None`` derives
-        them from the depth (after ~2/3 of the blocks and after the second-to-last one: 8 and 11 of 12).
+        them from the depth (after ~2/3 of the blocks and after the second-to-last one: 8 and 11 of 12);
+        ``()`` means no fusion blocks (an ablation).
     drop_patches: drop the patch tokens after the last fusion block (the paper's layout).
     qk_rank: width of the fusion blocks' query/key space; ``None`` = the tower width (the paper).
     gumbel_tau: Gumbel-softmax temperature of the hard selection during training.
@@ -90,6 +91,8 @@ class E2Config:
 
     def resolve_fusion_after(self, num_blocks: int) -> tuple[int, ...]:
         """Fusion positions for a tower of ``num_blocks`` blocks, validated."""
+        if self.fusion_after == ():
+            return ()  # the "no fusion blocks" ablation: tokens only attend, never pick a patch
         if self.fusion_after is not None:
             positions = tuple(sorted(set(self.fusion_after)))
         else:

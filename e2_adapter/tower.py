@@ -63,8 +63,10 @@ def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor,
     if gated:  # zero at step 0: the tokens reach the global embedding only as the gate opens
         cls = cls + adapter.gate.to(cls.dtype) * tokens.mean(1)
     pooled = backend.final_norm(cls)
+    selections = torch.stack(selections, dim=1) if selections else \
+        torch.empty(batch, 0, num_tokens, dtype=torch.long, device=x.device)
     return E2Output(image=backend.project(pooled), regions=adapter.heads(tokens),
-                    selections=torch.stack(selections, dim=1), pooled=pooled, tokens=x)
+                    selections=selections, pooled=pooled, tokens=x)
 
 
 class E2VisionForward:

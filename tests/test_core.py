@@ -256,3 +256,10 @@ def test_torch_compile(images):
     expected = model.encode_image(images)
     compiled = torch.compile(model.encode_image, backend="eager")
     assert torch.allclose(compiled(images), expected, atol=1e-5)
+
+
+def test_no_fusion_ablation_keeps_patches_and_selects_nothing(images):
+    model = e2_adapter.wrap(make_tiny("open_clip"), fusion_after=())
+    out = e2_adapter.encode_image_regions(model, images)
+    assert out.selections.shape == (3, 0, 8) and out.tokens.shape[1] == 1 + 8 + 16
+    assert len(e2_adapter.get_adapter(model).fusions) == 0
