@@ -1,0 +1,1 @@
+"""Downstream pipelines that take an E2-wrapped (or any) CLIP as their encoder."""

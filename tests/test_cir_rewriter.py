@@ -1,0 +1,79 @@
+"""Caption rewriting for CIReVL: the rule rewriter on known edits, and the LLM / callable hooks."""
+import pytest
+
+from integrations.cir.rewriter import Edit, LLMRewriter, RuleRewriter, as_rewriter, main_material, singular
+
+BRANDS = ("Acme", "Dolce and Gabbana", "Tamsin Grey")
+
+
+@pytest.fixture(scope="module")
+def rw():
+    return RuleRewriter(brands=BRANDS)
+
+
+@pytest.mark.parametrize("caption, modification, expected", [
+    ("a black wool sweater by Acme", "is red", "a red wool sweater by Acme"),
+    ("a black wool sweater by Acme", "is blue and has a logo of Zorro", "a blue wool sweater by Zorro"),
+    ("a black wool sweater by Acme", "is made of silk", "a black silk sweater by Acme"),
+    ("a black wool sweater", "is a skirt instead of a sweater", "a black wool skirt"),
+    ("a black jacket", "is red instead of black, and is an overcoat", "a red overcoat"),
+    ("a white dress by Acme", "is by Dolce and Gabbana", "a white dress by Dolce and Gabbana"),
+    ("a white dress", "is more colorful and has longer sleeves",
+     "a white dress that is more colorful and has longer sleeves"),            # unparsed clauses are kept
+    ("Black Stretch cotton Shirt by Acme, 96% cotton, 4% polyurethane", "is made of 100% wool",
+     "Black Stretch wool Shirt by Acme, 100% wool"),
+    ("a shirt", "is dark blue", "a dark blue shirt"),                       # no colour yet: inserted
+    ("a navy dress", "is by Tamsin Grey", "a navy dress by Tamsin Grey"),   # a brand containing a colour word
+    ("a black top", "is an orange", "an orange top"),                      # article follows the new word
+    ("a red coat by Acme", "is from the brand Zorro Lab", "a red coat by Zorro Lab"),
+    ("a red coat", "the brand is Zorro", "a red coat by Zorro"),
+])
+def test_rule_rewriter_known_edits(rw, caption, modification, expected):
+    assert rw(caption, modification) == expected
+
+
+def test_parse_reports_new_and_old_values(rw):
+    edits, leftovers = rw.parse("is red instead of black and has a logo of Acme")
+    assert Edit("colour", "red", "black") in edits
+    assert any(e.attribute == "brand" and e.value == "Acme" for e in edits)
+    assert leftovers == []
+    edits, leftovers = rw.parse("is made of 96% cotton, 4% elastane")
+    assert edits == [Edit("fabric", "96% cotton, 4% elastane")]
+
+
+def test_vocabulary_extension(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text('{"colours": ["chartreuse"], "brands": ["Ostra"], "garments": ["kaftan"]}')
+    rw = RuleRewriter.from_vocab(path)
+    assert rw("a red kaftan by Vetrano", "is chartreuse") == "a chartreuse kaftan by Vetrano"
+    assert rw("a red kaftan by Ostra", "is from Vetrano") == "a red kaftan by Vetrano"
+    with pytest.raises(FileNotFoundError):
+        RuleRewriter.from_vocab(tmp_path / "missing.json")
+
+
+def test_llm_rewriter_reads_answer_and_falls_back():
+    prompts = []
+
+    def complete(prompt):
+        prompts.append(prompt)
+        return "Sure.\nEdited Description: a red silk dress\n"
+    assert LLMRewriter(complete)("a black silk dress", "is red") == "a red silk dress"
+    assert "Image Content: a black silk dress" in prompts[0] and "Instruction: is red" in prompts[0]
+
+    def broken(prompt):
+        raise RuntimeError("network down")
+    assert LLMRewriter(broken)("a black silk dress", "is red") == "a red silk dress"  # rule fallback
+
+
+def test_any_callable_is_a_rewriter():
+    fn = lambda caption, modification: f"{caption} | {modification}"  # noqa: E731
+    assert as_rewriter(fn)("a", "b") == "a | b"
+    assert isinstance(as_rewriter(None), RuleRewriter)
+    with pytest.raises(TypeError):
+        as_rewriter("not callable")
+
+
+def test_helpers():
+    assert main_material("96% cotton, 4% polyurethane") == "cotton"
+    assert main_material("30% wool, 70% polyamide") == "polyamide"
+    assert singular("SWEATERS") == "sweater" and singular("DRESSES") == "dress" and singular("JEANS") == "jeans"
