@@ -3,10 +3,16 @@ checkpoints included). The tower is ``model.vision_model``; the projection sits 
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 
 import torch
 
 from .base import UnsupportedModelError, VisionBackend, describe
+
+
+@lru_cache(maxsize=None)
+def _takes_causal_mask(layer_type: type) -> bool:
+    return "causal_attention_mask" in inspect.signature(layer_type.forward).parameters
 
 
 class HFClipBackend(VisionBackend):
@@ -56,9 +62,8 @@ class HFClipBackend(VisionBackend):
     def run_blocks(self, x, start, end, attn_mask):
         mask = attn_mask[None, None] if attn_mask is not None else None  # HF wants [B, heads, L, L]
         for layer in list(self.tower.encoder.layers)[start:end]:
-            params = inspect.signature(layer.forward).parameters
             # transformers 4.x layers also take a causal mask and return a tuple
-            out = layer(x, mask, None) if "causal_attention_mask" in params else layer(x, mask)
+            out = layer(x, mask, None) if _takes_causal_mask(type(layer)) else layer(x, mask)
             x = out[0] if isinstance(out, tuple) else out
         return x
 
