@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import torch

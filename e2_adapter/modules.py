@@ -5,7 +5,6 @@ Token layout inside the tower (CLS first, so every family's "token 0 is CLS" con
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

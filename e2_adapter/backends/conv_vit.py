@@ -3,7 +3,6 @@ positional_embedding, ln_pre, transformer.resblocks, ln_post, proj) and the same
 (encode_image, encode_text). The two family files only add what differs."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import VisionBackend, patch_embed

@@ -25,9 +25,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image
 
-from .catalogue import DataFormatError, ProductCatalogue
+from .catalogue import DataFormatError, ImageFileCatalogue
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SHOW = 5  # how many offending names an error message lists
@@ -112,7 +111,7 @@ def read_amazon_split(path: str | os.PathLike, split: str = "train") -> list[str
     return list(dict.fromkeys(asins))  # drop repeats, keep order
 
 
-class AmazonFashion(ProductCatalogue):
+class AmazonFashion(ImageFileCatalogue):
     """AmazonFashion products.
 
     Args:
@@ -181,14 +180,6 @@ class AmazonFashion(ProductCatalogue):
 
     def __len__(self) -> int:
         return len(self._asins)
-
-    def num_views(self, p: int) -> int:
-        return len(self._images[self._check_product(p)])
-
-    def load_image(self, p: int, view: int = 0) -> Image.Image:
-        p, view = self._check_view(p, view)
-        with Image.open(self._images[p][view]) as im:
-            return im.convert("RGB")
 
     def _field(self, p: int, key: str) -> str:
         value = self._records[self._check_product(p)].get(key)

@@ -96,3 +96,17 @@ class ProductCatalogue(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(products={len(self)}, entities={self.entities})"
+
+
+class ImageFileCatalogue(ProductCatalogue):
+    """A catalogue whose views are image files on disk: ``self._images[p]`` lists product p's paths."""
+
+    _images: list
+
+    def num_views(self, p: int) -> int:
+        return len(self._images[self._check_product(p)])
+
+    def load_image(self, p: int, view: int = 0) -> Image.Image:
+        p, view = self._check_view(p, view)
+        with Image.open(self._images[p][view]) as im:
+            return im.convert("RGB")

@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from PIL import Image
 
-from .catalogue import DataFormatError, ProductCatalogue
+from .catalogue import DataFormatError, ImageFileCatalogue
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 _SHOW = 5
@@ -54,7 +53,7 @@ def _read_rows(path: Path, fmt: str) -> tuple[list[dict[str, str]], list[str]]:
     return rows, list(columns)
 
 
-class ManifestCatalogue(ProductCatalogue):
+class ManifestCatalogue(ImageFileCatalogue):
     """Products listed in a manifest file.
 
     Args:
@@ -129,14 +128,6 @@ class ManifestCatalogue(ProductCatalogue):
 
     def __len__(self) -> int:
         return len(self._ids)
-
-    def num_views(self, p: int) -> int:
-        return len(self._images[self._check_product(p)])
-
-    def load_image(self, p: int, view: int = 0) -> Image.Image:
-        p, view = self._check_view(p, view)
-        with Image.open(self._images[p][view]) as im:
-            return im.convert("RGB")
 
     def text(self, p: int) -> str:
         return self._first[self._check_product(p)][self._text_column].strip()
