@@ -45,7 +45,8 @@ class FusionBlock(nn.Module):
 
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor, tau: float = 1.0):
         """tokens [B,S,W], patches [B,N,W] -> (fused tokens [B,S,W], chosen patch index [B,S])."""
-        scores = self.query(tokens) @ self.key(patches).transpose(1, 2) * self.scale  # [B,S,N]
+        # q.k^T folded as (q W_k) p^T: S queries meet the key weights instead of N patches (same scores).
+        scores = (self.query(tokens) @ self.key.weight.to(tokens.dtype)) @ patches.transpose(1, 2) * self.scale
         choice = hard_select(scores, tau, self.training)
         # value() is linear, so selecting before projecting equals projecting every patch, at S/N the cost.
         chosen = self.value(choice @ patches)
