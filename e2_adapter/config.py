@@ -31,8 +31,10 @@ class E2Config:
     gated: start where CLIP is: class and patch tokens never attend to the selection tokens, and the
         selection tokens reach the global embedding only through a zero-initialised gate, so the
         wrapped model's global embedding equals the original's exactly at step 0.
-    token_init: "cls" starts every selection token at the model's class token (plus small noise), so
-        the region heads start from CLIP's own joint space; "normal" draws them like CLIP's init.
+    token_init: "normal" (default) draws each selection token independently, like CLIP's class
+        embedding; "cls" starts every token at the class token plus small noise. With "cls" the
+        tokens start nearly equal, so they pick the same patches; in the first demo run they were
+        still collapsed onto the same few patches after 600 steps, hence "normal" by default.
     """
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     tokens_per_entity: int = 2
@@ -41,7 +43,7 @@ class E2Config:
     qk_rank: int | None = None
     gumbel_tau: float = 1.0
     gated: bool = False
-    token_init: str = "cls"
+    token_init: str = "normal"
     preset: str = "faithful"
     # Filled in by wrap() from the model, checked by load_adapter().
     family: str | None = None
