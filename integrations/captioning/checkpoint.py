@@ -1,0 +1,79 @@
+"""Captioner checkpoints: ``model.safetensors`` + ``config.json`` in one directory.
+
+Each file is written to a temporary name in the same directory and moved into place with
+``os.replace``, so a crash mid-save never leaves a half-written file under the real name.
+The weights go first and the config last: a readable config means the weights beside it are whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, then move the result onto ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_checkpoint(directory: str | Path, module: nn.Module, config: dict) -> Path:
+    """Save a module's state (tied weights handled by safetensors' ``save_model``) and its config."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(module, tmp))
+    write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def read_config(directory: str | Path, kind: str | None = None) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved captioner")
+    config = read_json(path)
+    if kind is not None and config.get("kind") != kind:
+        raise ValueError(f"{directory} holds a {config.get('kind')!r} captioner, not {kind!r}")
+    return config
+
+
+def read_tensor(directory: str | Path, name: str) -> torch.Tensor:
+    """One tensor of a saved checkpoint (what a module needs before it can be built)."""
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def load_weights(directory: str | Path, module: nn.Module) -> nn.Module:
+    load_model(module, str(Path(directory) / WEIGHTS_NAME), strict=True)
+    return module

@@ -1,0 +1,113 @@
+"""The encoder side of a captioner: any CLIP-like model, used frozen.
+
+Captioners never own their encoder. They take it as an argument at training and at inference,
+so swapping CLIP-FT for E2 (or back) is a one-line change and can never touch decoder weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClipLike(Protocol):
+    """What the captioners need: the two towers of a CLIP, projecting into one space."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+TextTokenizerFn = Callable[[list[str]], torch.Tensor]
+
+
+def resolve_encoder(model: ClipLike | None = None, adapter_dir: str | None = None,
+                    base: ClipLike | None = None) -> ClipLike:
+    """Return the encoder to caption with: ``model`` itself, or ``base`` with an E2 adapter loaded.
+
+    ``model`` may be a wrapped E2 model or a plain CLIP. ``adapter_dir`` needs ``base``, the CLIP
+    the adapter was trained on; ``e2_adapter.load_adapter`` is imported only then.
+    """
+    if adapter_dir is not None:
+        if model is not None:
+            raise ValueError("give either model or adapter_dir (with base), not both")
+        if base is None:
+            raise ValueError("adapter_dir needs base: the CLIP model the adapter was trained on")
+        try:
+            from e2_adapter import load_adapter
+        except ImportError as exc:  # the core package may be older than this integration
+            raise RuntimeError("e2_adapter.load_adapter is not available in this install") from exc
+        model = load_adapter(base, adapter_dir)
+    if model is None:
+        raise ValueError("no encoder: pass model, or adapter_dir together with base")
+    missing = [name for name in ("encode_image", "encode_text") if not callable(getattr(model, name, None))]
+    if missing:
+        raise TypeError(f"{type(model).__name__} is not CLIP-like: it lacks {', '.join(missing)}")
+    return model
+
+
+def model_device(model: object) -> torch.device:
+    if isinstance(model, nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def frozen(model: object) -> Iterator[None]:
+    """Eval mode and no autograd for the duration; the caller's train/eval mode is restored.
+
+    Eval mode matters for E2: its fusion blocks only sample Gumbel noise in training mode.
+    """
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def embed_texts(model: ClipLike, tokenizer: TextTokenizerFn, texts: Sequence[str],
+                batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised ``encode_text`` embeddings, float32 on the CPU, shape [N, D]."""
+    if len(texts) == 0:
+        raise ValueError("no texts to embed")
+    device = model_device(model)
+    out = []
+    with frozen(model):
+        for part in _batches(len(texts), batch_size):
+            tokens = tokenizer(list(texts[part])).to(device)
+            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def embed_images(model: ClipLike, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised ``encode_image`` embeddings of preprocessed images, float32 on the CPU."""
+    device = model_device(model)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32) if isinstance(model, nn.Module) else torch.float32
+    out = []
+    with frozen(model):
+        for part in _batches(len(images), batch_size):
+            batch = images[part].to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
+            out.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def check_width(expected: int, got: int, encoder_name: str | None = None) -> None:
+    """Fail loudly when a decoder trained on one embedding space meets another width."""
+    if expected != got:
+        trained_on = f" from encoder {encoder_name!r}" if encoder_name else ""
+        raise ValueError(
+            f"embedding width mismatch: the decoder was trained on {expected}-d embeddings{trained_on}, "
+            f"but this encoder gives {got}-d. A captioner must be trained with the text tower of the encoder "
+            "it captions with: retrain the decoder on this encoder.")
