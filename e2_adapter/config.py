@@ -16,6 +16,15 @@ PRESETS = ("faithful", "lean", "gated")
 LEAN_QK_RANK = 32  # keeps ViT-B/32's overhead under the paper's 1.9% (benchmarks/overhead.py)
 
 
+def dataclass_from_dict(cls, d: dict, what: str):
+    """``cls(**d)``, but an unknown key is a clear error naming it and the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class E2Config:
     """How E2 is laid into a CLIP vision tower.
@@ -116,11 +125,7 @@ class E2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "E2Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"adapter config has unknown fields {unknown}; was it written by a newer e2-adapter?")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "adapter config (written by a newer e2-adapter?)")
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / CONFIG_NAME

@@ -22,3 +22,12 @@ def family(request):
 def images():
     torch.manual_seed(123)
     return torch.randn(3, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,13 +10,7 @@ from integrations.capdec import CapDec, inject_noise, small_gpt2_config, train_c
 from integrations.captioning import WordTokenizer, embed_texts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BRANDS = ["Ostra", "Vetrano", "Lune Paris", "Ivo Brant"]

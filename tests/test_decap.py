@@ -8,13 +8,7 @@ from integrations.captioning import embed_texts
 from integrations.decap import DeCap, DeCapConfig, memory_weights, project_to_memory, train_decap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BRANDS = ["Ostra", "Vetrano", "Lune Paris", "Ivo Brant"]

@@ -3,10 +3,10 @@ from a JSON file (``--config``) and then from command-line flags."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import DEFAULT_ENTITIES
+from ..config import DEFAULT_ENTITIES, dataclass_from_dict
 
 METHODS = ("e2", "clip-ft", "clip-ft-tags")
 
@@ -71,11 +71,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training options")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":

@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from integrations.captioning.encoders import ClipLike, TextTokenizerFn, check_width, embed_texts
-from integrations.captioning.training import fit
+from integrations.captioning.encoders import ClipLike, TextTokenizerFn
+from integrations.captioning.training import caption_embeddings, fit
 
 from .model import CapDec, inject_noise
 
@@ -22,13 +22,7 @@ def train_capdec(model: CapDec, encoder: ClipLike, clip_tokenizer: TextTokenizer
     normalised [N, D] rows matching ``captions``). Defaults follow CapDec: 10 epochs, batch 34,
     lr 2e-5, 5000 warm-up steps, noise variance from the model's config.
     """
-    if text_embeddings is None:
-        text_embeddings = embed_texts(encoder, clip_tokenizer, captions)
-    if len(text_embeddings) != len(captions):
-        raise ValueError(f"{len(text_embeddings)} embeddings for {len(captions)} captions")
-    check_width(model.config.embed_dim, text_embeddings.shape[-1])
-    if encoder_name is not None:
-        model.config.encoder = encoder_name
+    text_embeddings = caption_embeddings(model, encoder, clip_tokenizer, captions, text_embeddings, encoder_name)
     ids, mask = model.encode_captions(captions, max_caption_tokens)
     device = model.device
     noise = torch.Generator().manual_seed(seed + 1)

@@ -51,3 +51,17 @@ def fit(parameters: Iterable[torch.nn.Parameter], n_items: int, step_loss: Calla
             if len(losses) >= total:
                 break
     return losses
+
+
+def caption_embeddings(model, encoder, clip_tokenizer, captions, text_embeddings=None, encoder_name=None):
+    """The frozen encoder's embeddings of ``captions`` (computed unless given), checked against the
+    decoder's width; records which encoder the decoder is trained with."""
+    from .encoders import check_width, embed_texts
+    if text_embeddings is None:
+        text_embeddings = embed_texts(encoder, clip_tokenizer, captions)
+    if len(text_embeddings) != len(captions):
+        raise ValueError(f"{len(text_embeddings)} embeddings for {len(captions)} captions")
+    check_width(model.config.embed_dim, text_embeddings.shape[-1])
+    if encoder_name is not None:
+        model.config.encoder = encoder_name
+    return text_embeddings

@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from integrations.captioning.encoders import ClipLike, TextTokenizerFn, check_width, embed_texts
-from integrations.captioning.training import fit
+from integrations.captioning.encoders import ClipLike, TextTokenizerFn
+from integrations.captioning.training import caption_embeddings, fit
 
 from .model import DeCap
 
@@ -22,13 +22,7 @@ def train_decap(model: DeCap, encoder: ClipLike, clip_tokenizer: TextTokenizerFn
     all of them, or ``memory_size`` drawn at random (DeCap samples 500k of its corpus). Defaults
     follow DeCap: 10 epochs, batch 64, lr 1e-5, 1000 warm-up steps.
     """
-    if text_embeddings is None:
-        text_embeddings = embed_texts(encoder, clip_tokenizer, captions)
-    if len(text_embeddings) != len(captions):
-        raise ValueError(f"{len(text_embeddings)} embeddings for {len(captions)} captions")
-    check_width(model.config.embed_dim, text_embeddings.shape[-1])
-    if encoder_name is not None:
-        model.config.encoder = encoder_name
+    text_embeddings = caption_embeddings(model, encoder, clip_tokenizer, captions, text_embeddings, encoder_name)
     generator = torch.Generator().manual_seed(seed)
     if memory_size is not None and memory_size < len(text_embeddings):
         model.set_memory(text_embeddings[torch.randperm(len(text_embeddings), generator=generator)[:memory_size]])
