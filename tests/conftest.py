@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
@@ -31,3 +32,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def random_images(clip, n=3, seed=0):
+    """Random pixels of a ClipBundle's input size."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, clip.image_size, clip.image_size, generator=g)
+
+
+class WrongWidth(nn.Module):
+    """A CLIP-like encoder whose joint space is 32-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 32)
+
+    def encode_image(self, x):
+        return self.proj(x.mean(dim=(2, 3)))
+
+    def encode_text(self, tokens):
+        return self.proj(torch.ones(len(tokens), 3))

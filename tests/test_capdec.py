@@ -8,6 +8,7 @@ from torch import nn
 from e2_adapter.zoo import create_clip
 from integrations.capdec import CapDec, inject_noise, small_gpt2_config, train_capdec
 from integrations.captioning import WordTokenizer, embed_texts
+from conftest import WrongWidth, random_images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,25 +35,6 @@ def tiny_capdec(mapping="mlp", embed_dim=64, **config):
     lm = small_gpt2_config(tokenizer, n_layer=1, n_head=2, n_embd=32, n_positions=64)
     defaults = dict(prefix_length=4, mapper_layers=2, mapper_heads=2, max_tokens=12)
     return CapDec.create(embed_dim, lm=lm, tokenizer=tokenizer, mapping=mapping, **{**defaults, **config})
-
-
-def images(clip, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, clip.image_size, clip.image_size, generator=g)
-
-
-class WrongWidth(nn.Module):
-    """A CLIP-like encoder whose joint space is 32-d."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3, 32)
-
-    def encode_image(self, x):
-        return self.proj(x.mean(dim=(2, 3)))
-
-    def encode_text(self, tokens):
-        return self.proj(torch.ones(len(tokens), 3))
 
 
 # -- noise injection --------------------------------------------------------------------------------
@@ -106,7 +88,7 @@ def test_training_computes_text_embeddings_and_leaves_the_encoder_alone(clip):
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_generation_returns_text_for_a_batch(clip, method):
     model = tiny_capdec()
-    captions = model.caption(clip.model, images(clip, 3), method=method)
+    captions = model.caption(clip.model, random_images(clip, 3), method=method)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
 
 
@@ -128,7 +110,7 @@ def test_save_and_load_round_trip(tmp_path, clip, text_embeddings):
     assert loaded.tokenizer.vocab == model.tokenizer.vocab
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    x = images(clip, 2)
+    x = random_images(clip, 2)
     assert loaded.caption(clip.model, x, method="beam") == model.caption(clip.model, x, method="beam")
     assert not list((tmp_path / "capdec").glob("*.tmp"))  # atomic writes leave no temporaries
 
@@ -136,7 +118,7 @@ def test_save_and_load_round_trip(tmp_path, clip, text_embeddings):
 def test_width_mismatch_is_a_clear_error(clip):
     model = tiny_capdec(encoder="open_clip:tiny")
     with pytest.raises(ValueError, match=r"trained on 64-d .*'open_clip:tiny'.* gives 32-d"):
-        model.caption(WrongWidth(), images(clip, 2))
+        model.caption(WrongWidth(), random_images(clip, 2))
     with pytest.raises(ValueError, match="width mismatch"):
         train_capdec(model, WrongWidth(), clip.tokenizer, CAPTIONS, max_steps=1)
 
@@ -148,7 +130,7 @@ def test_swapping_encoders_changes_only_the_encoder(clip, text_embeddings):
                  max_steps=5, batch_size=8, lr=3e-3)
     decoder = {k: v.clone() for k, v in model.state_dict().items()}
     encoders = [{k: v.clone() for k, v in m.state_dict().items()} for m in (clip.model, other.model)]
-    x = images(clip, 4)
+    x = random_images(clip, 4)
     model.caption(clip.model, x, method="greedy")
     model.caption(other.model, x, method="greedy")  # the swap is the encoder argument, nothing else
     for k, v in model.state_dict().items():

@@ -6,6 +6,7 @@ from torch import nn
 from e2_adapter.zoo import create_clip
 from integrations.captioning import embed_texts
 from integrations.decap import DeCap, DeCapConfig, memory_weights, project_to_memory, train_decap
+from conftest import WrongWidth, random_images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,23 +33,6 @@ def tiny_decap(compact=True, embed_dim=64, **config):
     cfg = DeCapConfig(embed_dim, **{**dict(n_layer=1, n_head=2, n_embd=32, max_caption_tokens=12, max_tokens=12),
                                     **config})
     return DeCap.for_captions(cfg, CAPTIONS) if compact else DeCap(cfg)
-
-
-def images(clip, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, clip.image_size, clip.image_size, generator=g)
-
-
-class WrongWidth(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3, 32)
-
-    def encode_image(self, x):
-        return self.proj(x.mean(dim=(2, 3)))
-
-    def encode_text(self, tokens):
-        return self.proj(torch.ones(len(tokens), 3))
 
 
 # -- memory projection ------------------------------------------------------------------------------
@@ -122,7 +106,7 @@ def test_memory_size_subsamples_the_bank(clip, text_embeddings):
 def test_generation_returns_text_for_a_batch(clip, text_embeddings, method):
     model = tiny_decap()
     model.set_memory(text_embeddings)
-    captions = model.caption(clip.model, images(clip, 3), method=method)
+    captions = model.caption(clip.model, random_images(clip, 3), method=method)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
     assert len(model.generate(text_embeddings[:2], project=False)) == 2
 
@@ -149,7 +133,7 @@ def test_save_and_load_round_trip_keeps_memory_and_vocabulary(tmp_path, clip, te
     assert torch.equal(loaded.memory, model.memory) and torch.equal(loaded.vocab_ids, model.vocab_ids)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    x = images(clip, 2)
+    x = random_images(clip, 2)
     assert loaded.caption(clip.model, x) == model.caption(clip.model, x)
 
 
@@ -157,7 +141,7 @@ def test_width_mismatch_is_a_clear_error(clip, text_embeddings):
     model = tiny_decap(encoder="open_clip:tiny")
     model.set_memory(text_embeddings)
     with pytest.raises(ValueError, match=r"trained on 64-d .*'open_clip:tiny'.* gives 32-d"):
-        model.caption(WrongWidth(), images(clip, 2))
+        model.caption(WrongWidth(), random_images(clip, 2))
     with pytest.raises(ValueError, match="width mismatch"):
         model.set_memory(torch.randn(3, 32))
     with pytest.raises(ValueError, match="width mismatch"):
@@ -171,7 +155,7 @@ def test_swapping_encoders_changes_only_the_encoder(clip, text_embeddings):
                 max_steps=5, batch_size=8, lr=3e-3)
     decoder = {k: v.clone() for k, v in model.state_dict().items()}
     encoders = [{k: v.clone() for k, v in m.state_dict().items()} for m in (clip.model, other.model)]
-    x = images(clip, 4)
+    x = random_images(clip, 4)
     model.caption(clip.model, x)
     model.caption(other.model, x)
     for k, v in model.state_dict().items():
