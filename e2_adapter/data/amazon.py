@@ -53,17 +53,22 @@ def _parse_record_line(line: str, path: Path, lineno: int) -> dict:
     return record
 
 
+def _read_json_or_lines(path: Path, what: str, expected: str):
+    """The file's text, and its value when it is one JSON document (None for JSON lines / plain lines)."""
+    if not path.is_file():
+        raise DataFormatError(f"AmazonFashion {what} not found: {path}. Expected {expected}.")
+    raw = path.read_text(encoding="utf-8")
+    try:
+        return raw, json.loads(raw)
+    except json.JSONDecodeError:
+        return raw, None
+
+
 def read_amazon_metadata(path: str | os.PathLike) -> dict[str, dict]:
     """asin -> metadata record, from any of the layouts in the module docstring."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"AmazonFashion metadata not found: {path}. Expected the Amazon "
-                              f"Reviews fashion metadata (JSON lines with asin, title, brand).")
-    raw = path.read_text(encoding="utf-8")
-    try:
-        whole = json.loads(raw)
-    except json.JSONDecodeError:
-        whole = None  # several JSON values: JSON lines
+    raw, whole = _read_json_or_lines(path, "metadata", "the Amazon Reviews fashion metadata "
+                                     "(JSON lines with asin, title, brand)")
     if isinstance(whole, dict) and "asin" not in whole:
         bad = [asin for asin, rec in whole.items() if not isinstance(rec, dict)]
         if bad:
@@ -90,14 +95,7 @@ def read_amazon_metadata(path: str | os.PathLike) -> dict[str, dict]:
 def read_amazon_split(path: str | os.PathLike, split: str = "train") -> list[str]:
     """The asins of one split: plain lines, or JSON {split_name: [asins]}."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"AmazonFashion split file not found: {path}. Expected one asin "
-                              f"per line, or JSON {{\"train\": [...], \"test\": [...]}}.")
-    raw = path.read_text(encoding="utf-8")
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError:
-        parsed = None
+    raw, parsed = _read_json_or_lines(path, "split file", 'one asin per line, or JSON {"train": [...], "test": [...]}')
     if isinstance(parsed, dict):
         if split not in parsed:
             raise DataFormatError(f"{path}: no split '{split}'; the file has {sorted(parsed)}.")

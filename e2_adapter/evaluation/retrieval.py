@@ -208,19 +208,25 @@ def _metrics(t2i: dict[int, torch.Tensor], i2t: dict[int, torch.Tensor]) -> dict
     return out
 
 
-def product_full(
-    image_emb: Any, text_emb: Any, chunk_size: int = 1024, use_faiss: bool = False
-) -> dict[str, Any]:
-    """product-full: row i of ``image_emb`` (the first image of product i) and
-    row i of ``text_emb`` (its text) form the only matching pair; N x N ranking."""
+def _paired_per_product(image_emb: Any, text_emb: Any, protocol: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked embeddings for the protocols that take one image and one text per product."""
     img = _as_embeddings(image_emb, "image_emb")
     txt = _as_embeddings(text_emb, "text_emb")
     _check_pair(img, txt, "image_emb", "text_emb")
     if img.shape[0] != txt.shape[0]:
         raise ValueError(
-            f"product_full needs one image and one text per product: "
+            f"{protocol} needs one image and one text per product: "
             f"image_emb has {img.shape[0]} rows, text_emb has {txt.shape[0]}"
         )
+    return img, txt
+
+
+def product_full(
+    image_emb: Any, text_emb: Any, chunk_size: int = 1024, use_faiss: bool = False
+) -> dict[str, Any]:
+    """product-full: row i of ``image_emb`` (the first image of product i) and
+    row i of ``text_emb`` (its text) form the only matching pair; N x N ranking."""
+    img, txt = _paired_per_product(image_emb, text_emb, "product_full")
     ids = torch.arange(img.shape[0])
     t2i = topk_hits(txt, img, ids, ids, DEFAULT_KS, chunk_size, use_faiss)
     i2t = topk_hits(img, txt, ids, ids, DEFAULT_KS, chunk_size, use_faiss)
@@ -370,14 +376,7 @@ def sample_100(
     standard deviation of SumR across repeats; ``note`` says when fewer
     queries or negatives than asked were possible.
     """
-    img = _as_embeddings(image_emb, "image_emb")
-    txt = _as_embeddings(text_emb, "text_emb")
-    _check_pair(img, txt, "image_emb", "text_emb")
-    if img.shape[0] != txt.shape[0]:
-        raise ValueError(
-            f"sample_100 needs one image and one text per product: "
-            f"image_emb has {img.shape[0]} rows, text_emb has {txt.shape[0]}"
-        )
+    img, txt = _paired_per_product(image_emb, text_emb, "sample_100")
     _check_len(groups, img.shape[0], "groups", "image_emb")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

@@ -114,9 +114,10 @@ class ContrastiveObjective(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tag_cache: dict[str, torch.Tensor] = {}  # valid while the text tower is frozen
+        self.backend = get_backend(model)  # looked up once: the model's structure is fixed from here on
 
     def encode_tags(self, values: list[str], text_frozen: bool) -> torch.Tensor:
-        backend = get_backend(self.model)
+        backend = self.backend
         device = next(self.model.parameters()).device
         if not text_frozen:
             self.tag_cache.clear()
@@ -129,7 +130,7 @@ class ContrastiveObjective(nn.Module):
         return torch.stack([self.tag_cache[v] for v in values])
 
     def forward(self, images: torch.Tensor, texts: list[str], tags: dict[str, list[str]], text_frozen: bool):
-        backend = get_backend(self.model)
+        backend = self.backend
         device = images.device
         with torch.no_grad() if text_frozen else nullcontext():
             text = backend.encode_text(self.tokenizer(texts).to(device))
@@ -210,7 +211,8 @@ class Trainer:
         # An epoch is a whole number of optimizer steps of grad_accum batches each.
         self.steps_per_epoch = max(len(train) // cfg.batch_size // cfg.grad_accum, 1)
         self.batches_per_epoch = self.steps_per_epoch * cfg.grad_accum
-        self.stages = stages_for(cfg, self.steps_per_epoch, is_wrapped(self.model))
+        self.adapter = get_adapter(self.model) if is_wrapped(self.model) else None
+        self.stages = stages_for(cfg, self.steps_per_epoch, self.adapter is not None)
         self.total_steps = sum(s.steps for s in self.stages)
         self.state = TrainState()
         self.amp = amp_dtype(cfg, self.device)
@@ -309,12 +311,12 @@ class Trainer:
         return self.rank == 0
 
     def anneal_tau(self) -> None:
-        if is_wrapped(self.model):
+        if self.adapter is not None:
             frac = self.state.step / max(self.total_steps - 1, 1)
-            get_adapter(self.model).tau = self.cfg.tau_start + frac * (self.cfg.tau_end - self.cfg.tau_start)
+            self.adapter.tau = self.cfg.tau_start + frac * (self.cfg.tau_end - self.cfg.tau_start)
 
     def clamp_logit_scale(self) -> None:
-        scale = get_backend(self.model).logit_scale
+        scale = self.objective.backend.logit_scale
         if scale is not None:
             with torch.no_grad():
                 scale.clamp_(0, math.log(100))  # CLIP's cap
@@ -354,7 +356,7 @@ class Trainer:
         """The best model: full weights (both towers train in stage 2) plus the E2 adapter alone."""
         best = self.out / "best"
         atomic_torch_save(self.base_model().state_dict(), best / "model.pt")
-        if is_wrapped(self.model):
+        if self.adapter is not None:
             save_adapter(self.model, best / "adapter")
 
     def save_checkpoint(self, optimizer, scheduler) -> None:

@@ -31,9 +31,5 @@ def train_capdec(model: CapDec, encoder: ClipLike, clip_tokenizer: TextTokenizer
         noisy = inject_noise(text_embeddings[batch], model.config.noise_variance, generator=noise)
         return model.loss(noisy.to(device), ids[batch].to(device), mask[batch].to(device))
 
-    model.train()
-    try:
-        return fit(model.parameters(), len(captions), step_loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                   warmup_steps=warmup_steps, max_steps=max_steps, seed=seed, log_every=log_every, name="capdec")
-    finally:
-        model.eval()
+    return fit(model, len(captions), step_loss, epochs=epochs, batch_size=batch_size, lr=lr,
+               warmup_steps=warmup_steps, max_steps=max_steps, seed=seed, log_every=log_every, name="capdec")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -19,16 +19,27 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
 
 
-def fit(parameters: Iterable[torch.nn.Parameter], n_items: int, step_loss: Callable[[torch.Tensor], torch.Tensor],
+def fit(model: torch.nn.Module, n_items: int, step_loss: Callable[[torch.Tensor], torch.Tensor],
         *, epochs: int, batch_size: int, lr: float, warmup_steps: int, max_steps: int | None = None,
         weight_decay: float = 0.0, seed: int = 0, log_every: int = 0, name: str = "train") -> list[float]:
     """Run ``step_loss(indices)`` on shuffled batches and return the loss of every step.
 
     Runs ``epochs`` passes over the items, or exactly ``max_steps`` steps when that is given.
     The warm-up is capped at a tenth of the run, so short runs (tests, small corpora) still
-    reach the full learning rate.
+    reach the full learning rate. ``model`` is in train mode during the run and in eval mode after.
     """
-    params = [p for p in parameters if p.requires_grad]
+    model.train()
+    try:
+        return _fit(model, n_items, step_loss, epochs=epochs, batch_size=batch_size, lr=lr,
+                    warmup_steps=warmup_steps, max_steps=max_steps, weight_decay=weight_decay, seed=seed,
+                    log_every=log_every, name=name)
+    finally:
+        model.eval()
+
+
+def _fit(model, n_items, step_loss, *, epochs, batch_size, lr, warmup_steps, max_steps, weight_decay, seed,
+         log_every, name) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
     steps_per_epoch = math.ceil(n_items / batch_size)

@@ -16,9 +16,12 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from e2_adapter.zoo import ClipBundle
 
 
 # -- encoders -----------------------------------------------------------------------------------------

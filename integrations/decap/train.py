@@ -34,9 +34,5 @@ def train_decap(model: DeCap, encoder: ClipLike, clip_tokenizer: TextTokenizerFn
     def step_loss(batch: torch.Tensor) -> torch.Tensor:
         return model.loss(text_embeddings[batch].to(device), ids[batch].to(device))
 
-    model.train()
-    try:
-        return fit(model.parameters(), len(captions), step_loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                   warmup_steps=warmup_steps, max_steps=max_steps, seed=seed, log_every=log_every, name="decap")
-    finally:
-        model.eval()
+    return fit(model, len(captions), step_loss, epochs=epochs, batch_size=batch_size, lr=lr,
+               warmup_steps=warmup_steps, max_steps=max_steps, seed=seed, log_every=log_every, name="decap")
