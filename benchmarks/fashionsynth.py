@@ -6,6 +6,11 @@ runs differ only in the method/ablation. Prints mean ± std per cell (markdown) 
 
     python benchmarks/fashionsynth.py --out runs/bench --seeds 0 1 2 --steps 600
     python benchmarks/fashionsynth.py --variants clip-ft e2 --batch-sizes 32 64     # batch sweep
+    python benchmarks/fashionsynth.py --merge runs/bench-a runs/bench-b --out runs/bench  # join parallel runs
+
+For wrapped (E2) models it also measures where the selection tokens look: the share of each entity's
+picks per fusion block that land on the entity's drawn FashionSynth box, next to the chance level
+(``hit`` columns), and a linear probe on each entity's own region embedding (``region probe``).
 """
 from __future__ import annotations
 
@@ -19,12 +24,17 @@ import torch
 
 from e2_adapter.data import FashionGenH5, write_fashionsynth
 from e2_adapter.demo import MODEL, finetune_config, pretrain_base
-from e2_adapter.evaluation.embed import evaluate, linear_probe_entities
+from e2_adapter.evaluation.embed import embed_catalogue, evaluate, linear_probe_entities
+from e2_adapter.evaluation.linear_probe import probe_entities
 from e2_adapter.evaluation.report import mean_std_table, save_json
 from e2_adapter.training.trainer import Trainer
+from e2_adapter.visualize import selection_hit_rate
+from e2_adapter.wrap import is_wrapped
 from e2_adapter.zoo import create_clip
 
 ENTITIES = ("brand", "season", "subcategory", "composition")
+SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
+HIT_IMAGES = 200
 
 # name -> (method, TrainConfig overrides)
 VARIANTS = {
@@ -55,7 +65,58 @@ def run_one(variant: str, seed: int, steps: int, batch: int, data: tuple[Path, P
            "pf i2t R@1": metrics["product-full"]["i2t_R1"], "s100 SumR": metrics["sample-100"]["SumR"],
            "s100 t2i R@1": metrics["sample-100"]["t2i_R1"], "s100 i2t R@1": metrics["sample-100"]["i2t_R1"],
            **{f"probe {e}": v for e, v in probe.items()}}
+    if is_wrapped(model):
+        row.update(selection_diagnostics(model, bundle.preprocess, bundle.tokenizer, train, val))
     return {"row": row, "curve": trainer.state.history}
+
+
+def selection_diagnostics(model, preprocess, tokenizer, train: FashionGenH5, val: FashionGenH5) -> dict:
+    """Hit rate of the small entities' picks on their drawn boxes, and probes on their region embeddings."""
+    n = min(HIT_IMAGES, len(val))
+    images = torch.stack([preprocess(val.load_image(p, 0)) for p in range(n)])
+    rates = selection_hit_rate(model, images, [val.regions(p, 0) for p in range(n)],
+                               val.load_image(0, 0).size)
+    out = {}
+    for e in SMALL_ENTITIES:
+        if e not in rates:
+            continue
+        out.update({f"hit {e} f{k}": 100 * v for k, v in rates[e].items() if k != "chance"})
+        out[f"hit {e} chance"] = 100 * rates[e]["chance"]
+    tr = embed_catalogue(model, train, preprocess, tokenizer, "first", regions=True)
+    te = embed_catalogue(model, val, preprocess, tokenizer, "first", regions=True)
+    train_tags, val_tags = train.all_tags(), val.all_tags()
+    for e in SMALL_ENTITIES:
+        if e in te.regions:
+            acc = probe_entities(tr.regions[e], {e: train_tags[e]}, te.regions[e], {e: val_tags[e]})
+            out[f"region probe {e}"] = acc[e]
+    return out
+
+
+def write_report(out: Path, runs: dict, curves: dict, header: str) -> None:
+    """results.md: retrieval/probe table for every variant, and the selection diagnostics for E2's."""
+    main_cols = [c for c in next(iter(runs.values()))[0] if not c.startswith(("hit ", "region probe"))]
+    table = mean_std_table(runs, columns=main_cols, name_header="variant")
+    wrapped = {k: v for k, v in runs.items() if any(c.startswith("hit ") for c in v[0])}
+    text = header + "\n\n" + table + "\n"
+    if wrapped:
+        diag_cols = sorted({c for v in wrapped.values() for c in v[0] if c.startswith(("hit ", "region probe"))})
+        text += "\nSelection diagnostics (%):\n\n" + mean_std_table(wrapped, columns=diag_cols, name_header="variant") + "\n"
+    print(text)
+    (out / "results.md").write_text(text)
+    save_json(out / "results.json", {"runs": runs, "curves": curves, "header": header})
+
+
+def merge(sources: list[Path], out: Path) -> None:
+    """Join the results.json of runs made in parallel (e.g. one process per core) into one report."""
+    runs, curves, headers = {}, {}, []
+    for src in sources:
+        data = json.loads((src / "results.json").read_text())
+        for name, rows in data["runs"].items():
+            runs.setdefault(name, []).extend(rows)
+            curves.setdefault(name, []).extend(data["curves"].get(name, []))
+        headers.append(data["header"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, runs, curves, "; ".join(dict.fromkeys(headers)))
 
 
 def main(argv=None) -> None:
@@ -68,13 +129,23 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64])
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--val-products", type=int, default=400)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                   help="only join these earlier --out folders' results.json into --out")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        return merge(args.merge, out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     data = write_fashionsynth(out / "data", products=args.products, val_products=args.val_products, seed=0, image_size=64)
     base = pretrain_base(out, data[0], args.pretrain_steps, 0, 64)
     runs: dict[str, list[dict]] = {}
     curves: dict[str, list] = {}
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    header = (f"FashionSynth ({args.products} train / {args.val_products} val products, 64 px), model `{MODEL}`, "
+              f"{args.steps} fine-tuning steps; machine: {machine}")
     for batch in args.batch_sizes:
         for variant in args.variants:
             name = variant if len(args.batch_sizes) == 1 else f"{variant} (batch {batch})"
@@ -83,14 +154,7 @@ def main(argv=None) -> None:
                 runs.setdefault(name, []).append(result["row"])
                 curves.setdefault(name, []).append(result["curve"])
                 print(json.dumps({"variant": name, "seed": seed, **result["row"]}), flush=True)
-    table = mean_std_table(runs, name_header="variant")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    header = (f"FashionSynth ({args.products} train / {args.val_products} val products, 64 px), model `{MODEL}`, "
-              f"{args.steps} fine-tuning steps, seeds {args.seeds}; machine: {machine}")
-    print(header)
-    print(table)
-    (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    save_json(out / "results.json", {"runs": runs, "curves": curves, "args": vars(args)})
+                write_report(out, runs, curves, header)  # after every run: a crash loses nothing done
 
 
 if __name__ == "__main__":
