@@ -35,6 +35,7 @@ from e2_adapter.zoo import create_clip
 ENTITIES = ("brand", "season", "subcategory", "composition")
 SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
 HIT_IMAGES = 200
+DEFAULT_BATCH = 64  # the demo's; runs at other sizes are named "variant (batch N)"
 
 # name -> (method, TrainConfig overrides)
 VARIANTS = {
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[64])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[DEFAULT_BATCH])
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--val-products", type=int, default=400)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
               f"{args.steps} fine-tuning steps; machine: {machine}")
     for batch in args.batch_sizes:
         for variant in args.variants:
-            name = variant if len(args.batch_sizes) == 1 else f"{variant} (batch {batch})"
+            name = variant if batch == DEFAULT_BATCH else f"{variant} (batch {batch})"
             for seed in args.seeds:
                 result = run_one(variant, seed, args.steps, batch, data, base, out)
                 runs.setdefault(name, []).append(result["row"])
