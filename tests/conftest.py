@@ -52,3 +52,16 @@ class WrongWidth(nn.Module):
 
     def encode_text(self, tokens):
         return self.proj(torch.ones(len(tokens), 3))
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (a script folder, not a package) as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import load_benchmark
 from e2_adapter.zoo import create_clip
 from integrations.captioning import (STYLES, ClipBPETokenizer, WordTokenizer, embed_images, embed_texts,
                                      format_caption, load_corpus, resolve_encoder, single_sentence)
@@ -220,20 +221,8 @@ def test_e2_wrapped_model_and_adapter_folder_are_drop_in_encoders(tmp_path):
 
 
 # -- the benchmark script ---------------------------------------------------------------------------
-def _benchmark_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "captioning.py"
-    spec = importlib.util.spec_from_file_location("captioning_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_runs_and_tabulates_mean_and_std(synth):
-    bench = _benchmark_module()
+    bench = load_benchmark("captioning")
     encoders = {"A": create_clip("open_clip", "tiny", seed=0), "B": lambda: create_clip("open_clip", "tiny", seed=1)}
     settings = bench.Settings(**{**bench.QUICK, "max_steps": 2, "max_val": 3, "use_java": False,
                                  "decap_max_caption_tokens": 16, "decap_max_tokens": 8})

@@ -1,0 +1,39 @@
+"""The evidence scripts under benchmarks/ run end to end at toy size and report what they claim to."""
+import json
+
+from conftest import load_benchmark
+
+
+def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thread):
+    bench = load_benchmark("fashionsynth")
+    common = ["--products", "70", "--val-products", "20", "--steps", "2", "--pretrain-steps", "2", "--seeds", "0"]
+    bench.main(["--out", str(tmp_path / "a"), "--variants", "clip-ft", "e2-without-season", *common])
+    bench.main(["--out", str(tmp_path / "b"), "--variants", "clip-ft", "--batch-sizes", "16", *common])
+    report = (tmp_path / "a" / "results.md").read_text()
+    assert "| clip-ft | 1 |" in report and "| e2-without-season | 1 |" in report
+    # Selection diagnostics only for the wrapped model, and only for the entities it has.
+    diagnostics = report.split("Selection diagnostics")[1]
+    assert "hit brand f0" in diagnostics and "hit season" not in diagnostics and "clip-ft" not in diagnostics
+    rows = json.loads((tmp_path / "a" / "results.json").read_text())["runs"]
+    assert 0 <= rows["e2-without-season"][0]["hit brand f1"] <= 100
+
+    bench.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())["runs"]
+    assert sorted(merged) == ["clip-ft", "clip-ft (batch 16)", "e2-without-season"]
+
+
+def test_entity_ceiling_reports_accuracy_and_chance(tmp_path, one_thread, capsys):
+    bench = load_benchmark("entity_ceiling")
+    base_out = tmp_path / "bench"
+    bench.main(["--out", str(base_out), "--entities", "season", "--steps", "2", "--pretrain-steps", "2"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["entity"] == "season" and abs(row["chance"] - 100 / 6) < 1e-6
+    assert 0 <= row["val_accuracy"] <= 100
+
+
+def test_step_time_compares_against_clip_ft_in_the_same_run(tmp_path, one_thread, capsys):
+    bench = load_benchmark("step_time")
+    bench.main(["--model", "tiny", "--batch", "4", "--repeats", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| clip-ft |" in out and "| clip-ft-tags |" in out and "| e2 |" in out
+    assert out.count("| clip-ft | ") == 1  # the baseline once, even when it is also asked for
