@@ -9,6 +9,9 @@ prints R@10 / R@50 per edited attribute (colour, brand, fabric, sub-category) as
         --family open_clip --model ViT-B-32 --pretrained openai \\
         --encoder CLIP-FT=runs/clipft/best --encoder E2=runs/e2/best
 
+    # one run per pair of encoders (e.g. per training seed), then mean ± std over the runs:
+    python benchmarks/composed_retrieval.py --aggregate runs/cir/s0.json runs/cir/s1.json runs/cir/s2.json
+
     # build the set first from a FashionSynth / FashionGen validation file:
     python benchmarks/composed_retrieval.py --build-from data/fashionsynth_validation.h5 --data data/cir ...
 
@@ -95,12 +98,37 @@ def side_by_side(results: dict, ks=DEFAULT_KS) -> str:
         for method in methods)
 
 
+def mean_std_side_by_side(runs: list[dict], ks=DEFAULT_KS) -> str:
+    """Like ``side_by_side`` for several runs (e.g. one per encoder training seed): mean ± std per cell."""
+    import numpy as np
+    methods = list(dict.fromkeys(m for run in runs for per in run.values() for m in per))
+    tables = []
+    for method in methods:
+        names = [n for n in runs[0] if method in runs[0][n]]
+        rows = list(dict.fromkeys(r for run in runs for n in names for r in run[n][method] if r != "average"))
+        rows.append("average")
+        head = ["edited attribute"] + [f"{n} R@{k}" for n in names for k in ks]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            cells = [row]
+            for n in names:
+                for k in ks:
+                    values = [run[n][method][row][f"R@{k}"] for run in runs]
+                    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                    cells.append(f"{np.mean(values):.1f} ± {std:.1f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append(f"**{method}** (mean ± std over {len(runs)} runs)\n\n" + "\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_encoder_flags(p)
-    p.add_argument("--encoder", action="append", required=True, metavar="NAME=SPEC",
+    p.add_argument("--encoder", action="append", metavar="NAME=SPEC",
                    help="repeat for each encoder to compare (e.g. CLIP-FT=runs/clipft/best E2=runs/e2/best)")
-    p.add_argument("--data", required=True, help="synthetic set (FashionIQ layout)")
+    p.add_argument("--data", help="synthetic set (FashionIQ layout)")
+    p.add_argument("--aggregate", nargs="+", metavar="JSON", help="only print mean ± std over earlier runs' --json files")
     p.add_argument("--build-from", help="first build the set from this FashionGen-layout h5")
     p.add_argument("--per-attribute", type=int, default=200)
     p.add_argument("--split", default="val")
@@ -113,6 +141,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--cache", help="folder for cached embeddings")
     p.add_argument("--json", help="write all results here")
     args = p.parse_args(argv)
+    if args.aggregate:
+        print(mean_std_side_by_side([json.loads(Path(path).read_text()) for path in args.aggregate]))
+        return {}
+    if not args.encoder or not args.data:
+        p.error("--encoder (at least one) and --data are required unless --aggregate is given")
 
     if args.build_from:
         build_synthetic_cir(args.build_from, args.data, split=args.split, per_attribute=args.per_attribute,

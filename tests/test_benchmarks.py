@@ -37,3 +37,20 @@ def test_step_time_compares_against_clip_ft_in_the_same_run(tmp_path, one_thread
     out = capsys.readouterr().out
     assert "| clip-ft |" in out and "| clip-ft-tags |" in out and "| e2 |" in out
     assert out.count("| clip-ft | ") == 1  # the baseline once, even when it is also asked for
+
+
+def test_composed_retrieval_aggregates_runs_as_mean_and_std(tmp_path, capsys):
+    bench = load_benchmark("composed_retrieval")
+
+    def run(r10):
+        report = {"brand": {"R@10": r10, "R@50": 100.0}, "average": {"R@10": r10, "R@50": 100.0}}
+        return {"A": {"cirevl": report}, "B": {"cirevl": report}}
+
+    paths = []
+    for i, r10 in enumerate((40.0, 60.0)):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(run(r10)))
+    bench.main(["--aggregate", *map(str, paths)])
+    out = capsys.readouterr().out
+    assert "over 2 runs" in out
+    assert "| brand | 50.0 ± 14.1 | 100.0 ± 0.0 | 50.0 ± 14.1 | 100.0 ± 0.0 |" in out
