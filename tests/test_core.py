@@ -263,3 +263,36 @@ def test_no_fusion_ablation_keeps_patches_and_selects_nothing(images):
     out = e2_adapter.encode_image_regions(model, images)
     assert out.selections.shape == (3, 0, 8) and out.tokens.shape[1] == 1 + 8 + 16
     assert len(e2_adapter.get_adapter(model).fusions) == 0
+
+
+def _token_embedding(model, family):
+    return model.text_model.embeddings.token_embedding if family == "hf" else model.token_embedding
+
+
+def _full_context_text_embedding(model, family, tokens):
+    """The family's own text embedding over the whole (padded) context: the reference."""
+    if family != "hf":
+        return model.encode_text(tokens)
+    eot = model.config.text_config.eos_token_id
+    first_end = (tokens == eot).int().argmax(-1, keepdim=True)
+    mask = (torch.arange(tokens.shape[1])[None] <= first_end).long()
+    out = model.get_text_features(input_ids=tokens, attention_mask=mask)
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def test_backend_text_encoding_skips_padding_without_changing_embeddings(family):
+    """Tag texts are a few tokens of a 77-token context: the backend runs only up to the last end token."""
+    from e2_adapter.wrap import get_backend
+    from e2_adapter.zoo import create_clip
+    bundle = create_clip(family, "tiny", seed=0)
+    model = bundle.model.eval()
+    tokens = bundle.tokenizer(["FW2017", "black wool coat with a logo plaque at the chest", "x"])
+    seen = []
+    hook = _token_embedding(model, family).register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        fast = get_backend(e2_adapter.wrap(model)).encode_text(tokens)
+        hook.remove()
+        reference = _full_context_text_embedding(model, family, tokens)
+    longest = int((tokens != 0).sum(-1).max())  # start + words + end: the longest text's used positions
+    assert seen == [longest] and longest < tokens.shape[1]
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)

@@ -113,5 +113,16 @@ def patch_embed(conv1: nn.Conv2d, class_embedding: torch.Tensor, positional_embe
     return x + positional_embedding.to(x.dtype)
 
 
+def trim_after_end(tokens: torch.Tensor, end_positions: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns after the batch's last end token.
+
+    CLIP's text attention is causal and pools at the end token, so nothing after it changes the
+    embedding; a tag such as "FW2017" is 4 tokens of a 77-token context, and running the text tower
+    on the padding made E2's region loss (one text per distinct tag value) cost more than the captions.
+    """
+    length = int(end_positions.max()) + 1 if tokens.numel() else tokens.shape[1]
+    return tokens[:, :length]
+
+
 def describe(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__name__}"

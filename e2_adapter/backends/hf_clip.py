@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from .base import UnsupportedModelError, VisionBackend, describe
+from .base import UnsupportedModelError, VisionBackend, describe, trim_after_end
 
 
 @lru_cache(maxsize=None)
@@ -97,6 +97,7 @@ class HFClipBackend(VisionBackend):
         # CLIP BPE ids padded with 0 after the end token: attend up to and including the first end token.
         eot = self.model.config.text_config.eos_token_id
         first_end = (tokens == eot).int().argmax(-1, keepdim=True)
+        tokens = trim_after_end(tokens, first_end)
         mask = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= first_end).long()
         out = self.model.get_text_features(input_ids=tokens, attention_mask=mask)
         return out if torch.is_tensor(out) else out.pooler_output

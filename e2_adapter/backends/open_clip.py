@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .base import UnsupportedModelError, describe
+from .base import UnsupportedModelError, describe, trim_after_end
 from .conv_vit import ConvViTBackend
 
 
@@ -38,6 +38,26 @@ class OpenClipBackend(ConvViTBackend):
     def embed(self, images, **kwargs):
         x = super().embed(images)
         return self.tower.patch_dropout(x)  # keeps token 0 (CLS), drops patches while training
+
+    def encode_text(self, tokens):
+        model = self.model
+        trimmed = trim_after_end(tokens, tokens.argmax(-1))  # argmax: the end token, where CLIP pools
+        # open_clip's encode_text always adds the full-context positional embedding, so the short path
+        # is spelled out here, for the plain CLIP text tower it applies to (causal, end-token pooling).
+        plain = (hasattr(model, "token_embedding") and getattr(model, "attn_mask", None) is not None
+                 and getattr(model, "text_pool_type", "argmax") == "argmax"
+                 and getattr(model.transformer, "batch_first", False))
+        if trimmed.shape[1] == tokens.shape[1] or not plain:
+            return model.encode_text(tokens)
+        n = trimmed.shape[1]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(trimmed).to(cast) + model.positional_embedding[:n].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = x[torch.arange(x.shape[0], device=x.device), trimmed.argmax(-1)]
+        proj = model.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
     def run_blocks(self, x, start, end, attn_mask):
         transformer = self.tower.transformer

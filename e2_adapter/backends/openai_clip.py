@@ -1,7 +1,7 @@
 """OpenAI CLIP as packaged by clip-anytorch (``clip.model.CLIP``); its transformer is LND throughout."""
 from __future__ import annotations
 
-from .base import UnsupportedModelError, describe
+from .base import UnsupportedModelError, describe, trim_after_end
 from .conv_vit import ConvViTBackend
 
 
@@ -17,6 +17,10 @@ class OpenAIClipBackend(ConvViTBackend):
             raise UnsupportedModelError(
                 f"{describe(self.model)} has a {type(self.tower).__name__} image tower (a ResNet CLIP such as "
                 "RN50); E2 needs a ViT tower with a class token.")
+
+    def encode_text(self, tokens):
+        # clip-anytorch slices its causal mask and positional embedding to the input's length.
+        return self.model.encode_text(trim_after_end(tokens, tokens.argmax(-1)))
 
     def run_blocks(self, x, start, end, attn_mask):
         x = x.transpose(0, 1)  # NLD -> LND
