@@ -172,7 +172,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"], help="open_clip model names")
-    p.add_argument("--presets", nargs="+", default=["faithful", "lean"], choices=list(e2_adapter.PRESETS))
+    p.add_argument("--presets", nargs="+", default=list(e2_adapter.PRESETS), choices=list(e2_adapter.PRESETS))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")

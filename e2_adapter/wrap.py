@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backends import VisionBackend, backend_for, unwrap_peft
-from .config import E2Config
+from .config import DEFAULT_PRESET, E2Config
 from .modules import E2Adapter
 from .tower import E2Output, E2VisionForward, e2_forward
 
@@ -57,7 +57,7 @@ def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, pre
     if config is None:
         if entities is not None:
             overrides["entities"] = entities
-        config = E2Config.from_preset(preset or "faithful", **overrides)
+        config = E2Config.from_preset(preset or DEFAULT_PRESET, **overrides)
     elif entities is not None or preset is not None or overrides:
         raise ValueError("pass either config=E2Config(...) or keyword options (entities=, preset=, ...), not both")
 
@@ -134,6 +134,7 @@ def print_trainable_parameters(model: nn.Module) -> str:
     if "adapter" in c:
         base = c["total"] - c["adapter"]
         line += (f" || e2 params: {c['adapter']:,} ({100 * c['adapter'] / max(base, 1):.2f}% of the base model: "
-                 f"tokens {c['tokens']:,}, fusion {c['fusion']:,}, heads {c['heads']:,})")
+                 f"tokens {c['tokens']:,}, fusion {c['fusion']:,}, heads {c['heads']:,}"
+                 + (f", gate {c['gate']:,}" if "gate" in c else "") + ")")
     print(line)
     return line

@@ -15,7 +15,7 @@ def backend(model):
 
 
 def test_shapes_dtype_and_drop_in_encode_image(family, images):
-    model = e2_adapter.wrap(make_tiny(family))
+    model = e2_adapter.wrap(make_tiny(family), preset="faithful")
     out = e2_adapter.encode_image_regions(model, images)
     assert out.image.shape == (3, 64) and out.image.dtype == torch.float32
     assert set(out.regions) == set(e2_adapter.DEFAULT_ENTITIES)
@@ -60,7 +60,7 @@ def test_training_selection_is_stochastic_but_hard(family, images):
 
 
 def test_last_block_sees_only_tokens_and_cls(family, images):
-    model = e2_adapter.wrap(make_tiny(family))
+    model = e2_adapter.wrap(make_tiny(family), preset="faithful")
     b = backend(model)
     seen = []
     blocks = b.tower.transformer.resblocks if family != "hf" else b.tower.encoder.layers
@@ -186,10 +186,21 @@ def test_gated_preset_starts_exactly_where_clip_is(family, images):
     assert e2_adapter.get_adapter(model).gate.grad.abs().sum() > 0
 
 
+def test_default_is_the_gated_preset_everywhere(images):
+    """wrap(), a bare E2Config and the trainer agree on the default, and it leaves CLIP unchanged."""
+    from e2_adapter.training.config import TrainConfig
+    model = make_tiny("open_clip")
+    before = backend(model).encode_image(images)
+    config = e2_adapter.get_adapter(e2_adapter.wrap(model)).config
+    assert config.preset == e2_adapter.E2Config().preset == TrainConfig().preset == "gated" and config.gated
+    assert torch.allclose(before, backend(model).encode_image(images), atol=1e-5)
+    assert not e2_adapter.E2Config.from_preset("faithful").gated and not e2_adapter.E2Config.from_preset("lean").gated
+
+
 def test_faithful_preset_differs_from_clip_at_step_0(images):
     model = make_tiny("open_clip")
     before = backend(model).encode_image(images)
-    e2_adapter.wrap(model)
+    e2_adapter.wrap(model, preset="faithful")
     assert not torch.allclose(before, backend(model).encode_image(images), atol=1e-4)
 
 
@@ -204,7 +215,8 @@ def test_mark_only_adapter_trainable_and_report(capsys):
     model = e2_adapter.wrap(make_tiny("open_clip"))
     e2_adapter.mark_only_adapter_trainable(model)
     counts = e2_adapter.count_parameters(model)
-    assert counts["trainable"] == counts["adapter"] == counts["tokens"] + counts["fusion"] + counts["heads"]
+    assert counts["trainable"] == counts["adapter"] == (counts["tokens"] + counts["fusion"] + counts["heads"]
+                                                        + counts["gate"])
     line = e2_adapter.print_trainable_parameters(model)
     assert "trainable params:" in capsys.readouterr().out and "%" in line
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import DEFAULT_ENTITIES, dataclass_from_dict
+from ..config import DEFAULT_ENTITIES, DEFAULT_PRESET, dataclass_from_dict
 
 METHODS = ("e2", "clip-ft", "clip-ft-tags")
 
@@ -14,7 +14,7 @@ METHODS = ("e2", "clip-ft", "clip-ft-tags")
 @dataclass
 class TrainConfig:
     method: str = "e2"                 # e2 | clip-ft (baseline) | clip-ft-tags (tag losses on CLS, no E2)
-    preset: str = "faithful"           # E2 preset: faithful | lean | gated
+    preset: str = DEFAULT_PRESET       # E2 preset: gated (default) | faithful | lean
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     tokens_per_entity: int = 2
     fusion_after: tuple[int, ...] | None = None   # () = no fusion blocks (an ablation)
