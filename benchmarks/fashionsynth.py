@@ -104,9 +104,23 @@ def write_report(out: Path, runs: dict, curves: dict, header: str) -> None:
     if wrapped:
         diag_cols = sorted({c for v in wrapped.values() for c in v[0] if c.startswith(("hit ", "region probe"))})
         text += "\nSelection diagnostics (%):\n\n" + mean_std_table(wrapped, columns=diag_cols, name_header="variant") + "\n"
+    text += "\nValidation product-full SumR during training (mean over seeds):\n\n" + curve_table(curves) + "\n"
     print(text)
     (out / "results.md").write_text(text)
     save_json(out / "results.json", {"runs": runs, "curves": curves, "header": header})
+
+
+def curve_table(curves: dict) -> str:
+    """Mean validation SumR at each evaluation step: shows whether the runs had converged."""
+    steps = sorted({e["step"] for runs in curves.values() for run in runs for e in run})
+    lines = ["| variant | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, runs in curves.items():
+        cells = []
+        for step in steps:
+            values = [e["SumR"] for run in runs for e in run if e["step"] == step]
+            cells.append(f"{sum(values) / len(values):.1f}" if values else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def merge(sources: list[Path], out: Path) -> None:

@@ -12,7 +12,7 @@ def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thre
     report = (tmp_path / "a" / "results.md").read_text()
     assert "| clip-ft | 1 |" in report and "| e2-without-season | 1 |" in report
     # Selection diagnostics only for the wrapped model, and only for the entities it has.
-    diagnostics = report.split("Selection diagnostics")[1]
+    diagnostics = report.split("Selection diagnostics")[1].split("during training")[0]
     assert "hit brand f0" in diagnostics and "hit season" not in diagnostics and "clip-ft" not in diagnostics
     rows = json.loads((tmp_path / "a" / "results.json").read_text())["runs"]
     assert 0 <= rows["e2-without-season"][0]["hit brand f1"] <= 100
@@ -20,6 +20,7 @@ def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thre
     bench.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
     merged = json.loads((tmp_path / "m" / "results.json").read_text())["runs"]
     assert sorted(merged) == ["clip-ft", "clip-ft (batch 16)", "e2-without-season"]
+    assert "| clip-ft (batch 16) | " in (tmp_path / "m" / "results.md").read_text().split("during training")[1]
 
 
 def test_entity_ceiling_reports_accuracy_and_chance(tmp_path, one_thread, capsys):
