@@ -12,11 +12,12 @@ OUT=${OUT:-runs/fashiongen}
 FAMILY=${FAMILY:-openai}
 MODEL=${MODEL:-ViT-B/32}
 PRETRAINED=${PRETRAINED:-openai}
+PRESET=${PRESET:-faithful}  # the paper's layout (the library's default is gated)
 EXTRA=${EXTRA:-}
 
 for METHOD in clip-ft e2; do
   e2-adapter train --family "$FAMILY" --model "$MODEL" --pretrained "$PRETRAINED" \
-      --train "$TRAIN" --val "$VAL" --method "$METHOD" --out "$OUT/$METHOD" $EXTRA
+      --train "$TRAIN" --val "$VAL" --method "$METHOD" --preset "$PRESET" --out "$OUT/$METHOD" $EXTRA
   e2-adapter eval --family "$FAMILY" --model "$MODEL" --pretrained "$PRETRAINED" --data "$VAL" --checkpoint "$OUT/$METHOD/best" \
       --protocols product-full image-full sample-100 --probe-train "$TRAIN" --json "$OUT/$METHOD/eval.json"
 done
