@@ -30,6 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from e2_adapter.cli import add_model_flags
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
 from integrations.captioning import (WordTokenizer, caption_metrics, embed_images, embed_texts, entity_accuracy,
                                      load_corpus)
@@ -199,10 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", action="append", required=True, metavar="NAME=SPEC")
     b = p.add_argument_group("base model (what SPECs load onto)")
-    b.add_argument("--family", default="open_clip", choices=("open_clip", "openai", "hf"))
-    b.add_argument("--model", default="tiny")
-    b.add_argument("--pretrained", default=None)
-    b.add_argument("--image-size", type=int, default=None)
+    add_model_flags(b, default_model="tiny")
     b.add_argument("--encoder-seed", type=int, default=0, help="init seed of a random base model")
     d = p.add_argument_group("data")
     d.add_argument("--train-h5")

@@ -24,7 +24,7 @@ import torch
 
 from e2_adapter.data import FashionGenH5, write_fashionsynth
 from e2_adapter.demo import MODEL, finetune_config, pretrain_base
-from e2_adapter.evaluation.embed import embed_catalogue, evaluate, linear_probe_entities
+from e2_adapter.evaluation.embed import CatalogueEmbeddings, embed_catalogue, evaluate
 from e2_adapter.evaluation.linear_probe import probe_entities
 from e2_adapter.evaluation.report import mean_std_table, save_json
 from e2_adapter.training.trainer import Trainer
@@ -63,18 +63,23 @@ def run_one(variant: str, seed: int, steps: int, batch: int, data: tuple[Path, P
     trainer.fit()
     model = trainer.model.eval()  # the final model: equal steps for every variant
     metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))
-    probe = linear_probe_entities(model, train, val, bundle.preprocess, bundle.tokenizer)
+    # One pass over each split serves the global probes and (wrapped models) the region probes.
+    tr, te = (embed_catalogue(model, c, bundle.preprocess, bundle.tokenizer, "first", regions=True)
+              for c in (train, val))
+    probe = probe_entities(tr.image, train.all_tags(), te.image, val.all_tags())
     row = {"pf SumR": metrics["product-full"]["SumR"], "pf t2i R@1": metrics["product-full"]["t2i_R1"],
            "pf i2t R@1": metrics["product-full"]["i2t_R1"], "s100 SumR": metrics["sample-100"]["SumR"],
            "s100 t2i R@1": metrics["sample-100"]["t2i_R1"], "s100 i2t R@1": metrics["sample-100"]["i2t_R1"],
            **{f"probe {e}": v for e, v in probe.items()}}
     if is_wrapped(model):
-        row.update(selection_diagnostics(model, bundle.preprocess, bundle.tokenizer, train, val))
+        row.update(selection_diagnostics(model, bundle.preprocess, train, val, tr, te))
     return {"row": row, "curve": trainer.state.history}
 
 
-def selection_diagnostics(model, preprocess, tokenizer, train: FashionGenH5, val: FashionGenH5) -> dict:
-    """Hit rate of the small entities' picks on their drawn boxes, and probes on their region embeddings."""
+def selection_diagnostics(model, preprocess, train: FashionGenH5, val: FashionGenH5,
+                          tr: CatalogueEmbeddings, te: CatalogueEmbeddings) -> dict:
+    """Hit rate of the small entities' picks on their drawn boxes, and probes on their region embeddings
+    (``tr`` / ``te``: the splits' embeddings with regions)."""
     n = min(HIT_IMAGES, len(val))
     images = torch.stack([preprocess(val.load_image(p, 0)) for p in range(n)])
     rates = selection_hit_rate(model, images, [val.regions(p, 0) for p in range(n)],
@@ -85,8 +90,6 @@ def selection_diagnostics(model, preprocess, tokenizer, train: FashionGenH5, val
             continue
         out.update({f"hit {e} f{k}": 100 * v for k, v in rates[e].items() if k != "chance"})
         out[f"hit {e} chance"] = 100 * rates[e]["chance"]
-    tr = embed_catalogue(model, train, preprocess, tokenizer, "first", regions=True)
-    te = embed_catalogue(model, val, preprocess, tokenizer, "first", regions=True)
     train_tags, val_tags = train.all_tags(), val.all_tags()
     for e in SMALL_ENTITIES:
         if e in te.regions:

@@ -22,9 +22,11 @@ from .training.config import TrainConfig
 
 # --- data and models from flags ------------------------------------------------------------------
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p, default_model: str = "small") -> None:
+    """--family/--model/--pretrained/--image-size on a parser or argument group (shared by the
+    integrations' and benchmarks' command lines)."""
     p.add_argument("--family", default="open_clip", choices=("open_clip", "openai", "hf"))
-    p.add_argument("--model", default="small", help="a tiny config (tiny, small) or the family's model name")
+    p.add_argument("--model", default=default_model, help="a tiny config (tiny, small) or the family's model name")
     p.add_argument("--pretrained", default=None,
                    help="none, the family's tag (e.g. openai), or a .pt state dict saved by this project")
     p.add_argument("--image-size", type=int, default=None, help="input size for tiny configs")

@@ -65,3 +65,17 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def assert_swap_touches_no_weights(decoder: nn.Module, caption, encoders, images) -> None:
+    """Captioning ``images`` with each encoder in turn (``caption(encoder, images)``) changes neither the
+    decoder's state (a memory bank included) nor any encoder's: swapping is the encoder argument only."""
+    def snapshot(m):
+        return {k: v.clone() for k, v in m.state_dict().items()}
+    saved_decoder, saved_encoders = snapshot(decoder), [snapshot(m) for m in encoders]
+    for encoder in encoders:
+        caption(encoder, images)
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, saved_decoder[k]), k
+    for m, saved in zip(encoders, saved_encoders):
+        assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())

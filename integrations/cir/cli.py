@@ -20,17 +20,15 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from e2_adapter.cli import add_model_flags
+
 if TYPE_CHECKING:
     from e2_adapter.zoo import ClipBundle
 
 
 # -- encoders -----------------------------------------------------------------------------------------
 def add_encoder_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", default="open_clip", choices=("open_clip", "openai", "hf"))
-    p.add_argument("--model", default="tiny", help="a tiny config (tiny, small) or the family's model name")
-    p.add_argument("--pretrained", default=None,
-                   help="none, the family's tag (e.g. openai), or a .pt state dict saved by this project")
-    p.add_argument("--image-size", type=int, default=None, help="input size for tiny configs")
+    add_model_flags(p, default_model="tiny")
     p.add_argument("--seed", type=int, default=0, help="seed (random init of tiny models, sampling, training)")
     p.add_argument("--checkpoint", help="a trainer's best/ folder (model.pt [+ adapter/])")
     p.add_argument("--adapter", help="an E2 adapter folder to load into the base model")
