@@ -7,38 +7,44 @@ nor E2 can be expected to encode it at this scale, and a tie between them says n
 mechanism; if supervision reaches it, the contrastive methods are leaving it on the table.
 
     python benchmarks/entity_ceiling.py --out runs/bench --entities brand season --steps 1200
+    python benchmarks/entity_ceiling.py --out runs/cal-l2 --model small --logo-scale 2 --label-scale 2
+
+The setting flags (model, pre-training, every FashionSynth knob) are the fashionsynth benchmark's; runs
+that share an --out share its data and base.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from e2_adapter.data import FashionGenH5, write_fashionsynth
+from e2_adapter.data import FashionGenH5
 from e2_adapter.data.datasets import TrainViews, collate
-from e2_adapter.demo import MODEL, pretrain_base
+from e2_adapter.experiments import Setting, add_setting_flags, base_model, prepare, setting_from_args
 from e2_adapter.training.trainer import epoch_batches
-from e2_adapter.zoo import create_clip
 
 
 def first_view_pixels(catalogue: FashionGenH5, preprocess) -> torch.Tensor:
     return torch.stack([preprocess(catalogue.load_image(p, 0)) for p in range(len(catalogue))])
 
 
-def train_ceiling(entity: str, base: Path, train: FashionGenH5, val: FashionGenH5, steps: int, batch: int,
-                  seed: int) -> dict:
+def train_ceiling(entities: tuple[str, ...], setting: Setting, base: Path, train: FashionGenH5, val: FashionGenH5,
+                  steps: int, batch: int, seed: int) -> list[dict]:
+    """The image tower with one linear head per entity, trained on the sum of their cross-entropies
+    (one entity: the plain supervised ceiling; several: one run serves them all)."""
+    start = time.perf_counter()
     torch.manual_seed(seed)
-    bundle = create_clip("open_clip", MODEL)
-    bundle.model.load_state_dict(torch.load(base, map_location="cpu"))
+    bundle = base_model(setting, base)
     tower = bundle.model.visual.train()
-    classes = sorted(set(train.all_tags()[entity]))
-    index = {c: i for i, c in enumerate(classes)}
-    head = torch.nn.Linear(tower.output_dim, len(classes))
-    opt = torch.optim.AdamW([{"params": tower.parameters(), "lr": 3e-4}, {"params": head.parameters(), "lr": 1e-3}],
+    classes = {e: sorted(set(train.all_tags()[e])) for e in entities}
+    index = {e: {c: i for i, c in enumerate(classes[e])} for e in entities}
+    heads = torch.nn.ModuleDict({e: torch.nn.Linear(tower.output_dim, len(classes[e])) for e in entities})
+    opt = torch.optim.AdamW([{"params": tower.parameters(), "lr": 3e-4}, {"params": heads.parameters(), "lr": 1e-3}],
                             weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     views = TrainViews(train, bundle.preprocess)
@@ -46,10 +52,11 @@ def train_ceiling(entity: str, base: Path, train: FashionGenH5, val: FashionGenH
     while step < steps:
         for pairs in epoch_batches(len(train), train, batch, seed, epoch):
             b = collate([views[k] for k in pairs])
-            labels = torch.tensor([index[t] for t in b["tags"][entity]])
-            loss = F.cross_entropy(head(tower(b["image"])), labels)
+            features = tower(b["image"])
+            losses = {e: F.cross_entropy(heads[e](features), torch.tensor([index[e][t] for t in b["tags"][e]]))
+                      for e in entities}
             opt.zero_grad()
-            loss.backward()
+            sum(losses.values()).backward()
             opt.step()
             sched.step()
             step += 1
@@ -59,31 +66,42 @@ def train_ceiling(entity: str, base: Path, train: FashionGenH5, val: FashionGenH
     tower.eval()
     with torch.no_grad():
         pixels = first_view_pixels(val, bundle.preprocess)
-        pred = torch.cat([head(tower(chunk)).argmax(-1) for chunk in pixels.split(128)])
-    truth = torch.tensor([index.get(t, -1) for t in val.all_tags()[entity]])
-    return {"entity": entity, "seed": seed, "val_accuracy": 100 * (pred == truth).float().mean().item(),
-            "chance": 100 / len(classes), "final_train_loss": loss.item()}
+        features = torch.cat([tower(chunk) for chunk in pixels.split(128)])
+    seconds = round(time.perf_counter() - start, 1)
+    rows = []
+    for e in entities:
+        pred = heads[e](features).argmax(-1)
+        truth = torch.tensor([index[e].get(t, -1) for t in val.all_tags()[e]])
+        rows.append({"entity": e, "trained_with": list(entities), "seed": seed,
+                     "val_accuracy": 100 * (pred == truth).float().mean().item(), "chance": 100 / len(classes[e]),
+                     "final_train_loss": losses[e].item(), "steps": steps, "seconds": seconds})
+    return rows
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--entities", nargs="+", default=["brand", "season"])
+    p.add_argument("--joint", action="store_true", help="one run with a head per entity (default: one run each)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--pretrain-steps", type=int, default=600)
+    add_setting_flags(p)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    train_path, val_path = write_fashionsynth(out / "data", products=2000, val_products=400, seed=0, image_size=64)
-    base = pretrain_base(out, train_path, args.pretrain_steps, 0, 64)
+    setting = setting_from_args(args)
+    train_path, val_path, base = prepare(setting, out)
     train, val = FashionGenH5(train_path), FashionGenH5(val_path)
-    for entity in args.entities:
+    groups = [tuple(args.entities)] if args.joint else [(e,) for e in args.entities]
+    for entities in groups:
         for seed in args.seeds:
-            print(json.dumps(train_ceiling(entity, base, train, val, args.steps, args.batch_size, seed)), flush=True)
+            for row in train_ceiling(entities, setting, base, train, val, args.steps, args.batch_size, seed):
+                print(json.dumps(row), flush=True)
+                with open(out / "ceiling.jsonl", "a") as f:  # kept as each run ends
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

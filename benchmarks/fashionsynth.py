@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
-from e2_adapter.data import FashionGenH5, write_fashionsynth
-from e2_adapter.demo import MODEL, finetune_config, pretrain_base
+from e2_adapter.data import FashionGenH5
+from e2_adapter.experiments import Setting, add_setting_flags, base_model, finetune_config, prepare, setting_from_args
 from e2_adapter.evaluation.embed import CatalogueEmbeddings, embed_catalogue, evaluate
 from e2_adapter.evaluation.linear_probe import probe_entities
 from e2_adapter.evaluation.report import mean_std_table, save_json
 from e2_adapter.training.trainer import Trainer
 from e2_adapter.visualize import selection_hit_rate
 from e2_adapter.wrap import is_wrapped
-from e2_adapter.zoo import create_clip
 
 ENTITIES = ("brand", "season", "subcategory", "composition")
 SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
@@ -52,11 +51,11 @@ VARIANTS = {
 }
 
 
-def run_one(variant: str, seed: int, steps: int, batch: int, data: tuple[Path, Path], base: Path, out: Path) -> dict:
+def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, data: tuple[Path, Path], base: Path,
+            out: Path) -> dict:
     method, overrides = VARIANTS[variant]
     cfg = replace(finetune_config(method, steps, seed, batch), **overrides)
-    bundle = create_clip("open_clip", MODEL)
-    bundle.model.load_state_dict(torch.load(base, map_location="cpu"))
+    bundle = base_model(setting, base)
     train, val = FashionGenH5(data[0]), FashionGenH5(data[1])
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,
                       out / f"{variant}-b{batch}-s{seed}", "open_clip", progress=False)
@@ -145,10 +144,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[DEFAULT_BATCH])
-    p.add_argument("--products", type=int, default=2000)
-    p.add_argument("--val-products", type=int, default=400)
+    add_setting_flags(p)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                    help="only join these earlier --out folders' results.json into --out")
@@ -158,19 +155,17 @@ def main(argv=None) -> None:
         return merge(args.merge, out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    data = write_fashionsynth(out / "data", products=args.products, val_products=args.val_products, seed=0, image_size=64)
-    base = pretrain_base(out, data[0], args.pretrain_steps, 0, 64)
+    setting = setting_from_args(args)
+    *data, base = prepare(setting, out)
     runs: dict[str, list[dict]] = {}
     curves: dict[str, list] = {}
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    header = (f"FashionSynth ({args.products} train / {args.val_products} val products, 64 px), model `{MODEL}`, "
-              f"{args.steps} fine-tuning steps; machine: {machine}")
+    header = f"{setting.describe()}, {args.steps} fine-tuning steps; machine: {machine}"
     for batch in args.batch_sizes:
         for variant in args.variants:
             name = variant if batch == DEFAULT_BATCH else f"{variant} (batch {batch})"
             for seed in args.seeds:
-                result = run_one(variant, seed, args.steps, batch, data, base, out)
+                result = run_one(variant, seed, args.steps, batch, setting, data, base, out)
                 runs.setdefault(name, []).append(result["row"])
                 curves.setdefault(name, []).append(result["curve"])
                 print(json.dumps({"variant": name, "seed": seed, **result["row"]}), flush=True)

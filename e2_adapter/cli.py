@@ -95,9 +95,9 @@ def train_config_from(args) -> TrainConfig:
 # --- commands ---------------------------------------------------------------------------------------
 
 def cmd_synth(args) -> None:
-    from .data import write_fashionsynth
-    train, val = write_fashionsynth(args.out, products=args.products, val_products=args.val_products,
-                                    seed=args.seed, image_size=args.image_size)
+    from .data import synth_spec_from_args
+    spec = synth_spec_from_args(args)
+    train, val = spec.write(args.out)
     print(f"wrote {train} and {val}")
 
 
@@ -148,10 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write FashionSynth h5 files in FashionGen's schema")
     p.add_argument("--out", required=True)
-    p.add_argument("--products", type=int, default=2000)
-    p.add_argument("--val-products", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    from .data.synth import add_synth_flags
+    add_synth_flags(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="fine-tune with E2 or the CLIP-FT baseline (two-stage recipe)")

@@ -6,13 +6,13 @@ from .datasets import CLIP_MEAN, CLIP_STD, EvalImages, TrainViews, collate, defa
 from .fashiongen import (DEFAULT_TEXT_TEMPLATE, FASHIONGEN_ENTITIES, FASHIONGEN_KEYS,
                          FashionGenH5)
 from .manifest import ManifestCatalogue
-from .synth import (SYNTH_ENTITIES, TRAIN_FILE, VALIDATION_FILE, SynthWorld, make_world,
-                    write_fashionsynth)
+from .synth import (SYNTH_ENTITIES, TRAIN_FILE, VALIDATION_FILE, SynthSpec, SynthWorld, add_synth_flags,
+                    make_world, synth_spec_from_args, write_fashionsynth)
 
 __all__ = [
     "ProductCatalogue", "DataFormatError", "Box",
     "FashionGenH5", "FASHIONGEN_KEYS", "FASHIONGEN_ENTITIES", "DEFAULT_TEXT_TEMPLATE",
-    "write_fashionsynth", "make_world", "SynthWorld", "SYNTH_ENTITIES", "TRAIN_FILE",
+    "write_fashionsynth", "make_world", "SynthWorld", "SynthSpec", "add_synth_flags", "synth_spec_from_args", "SYNTH_ENTITIES", "TRAIN_FILE",
     "VALIDATION_FILE",
     "AmazonFashion", "read_amazon_metadata", "read_amazon_split",
     "ManifestCatalogue",

@@ -255,6 +255,8 @@ class SynthWorld:
     colours: tuple[str, ...]
     brand_glyphs: np.ndarray    # [B, 4, 4] bool
     brand_colours: np.ndarray   # [B, 3]
+    logo_scale: int = 1         # brand plate side = 6 x logo_scale cells (glyph 4 x 4 of them)
+    label_scale: int = 1        # season label = 7 x 3 cells of label_scale
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
         return {"brand": self.brands, "season": self.seasons,
@@ -267,9 +269,19 @@ def _check_count(name: str, n: int, available: int) -> None:
 
 
 def make_world(brands: int = 24, subcategories: int = 8, seasons: int = 6,
-               compositions: int = 10, colours: int = 8) -> SynthWorld:
-    """Build the FashionSynth vocabularies (the first N of each built-in list)."""
+               compositions: int = 10, colours: int = 8, logo_colours: int = len(_LOGO_COLOURS),
+               logo_scale: int = 1, label_scale: int = 1) -> SynthWorld:
+    """Build the FashionSynth vocabularies (the first N of each built-in list).
+
+    How hard the small details are is set here: ``logo_colours`` (brands share that many plate
+    colours, so with fewer colours than brands only the glyph tells them apart), ``logo_scale`` and
+    ``label_scale`` (the logo plate and the season label drawn that many times larger).
+    """
     _check_count("subcategories", subcategories, len(_SILHOUETTES))
+    _check_count("logo_colours", logo_colours, len(_LOGO_COLOURS))
+    for name, value in (("logo_scale", logo_scale), ("label_scale", label_scale)):
+        if not 1 <= value <= 4:
+            raise ValueError(f"{name} must be between 1 and 4, got {value}")
     _check_count("compositions", compositions, len(_COMPOSITIONS))
     _check_count("colours", colours, len(_COLOURS))
     _check_count("seasons", seasons, 14)  # 3-bit year code x {SS, FW}
@@ -281,22 +293,23 @@ def make_world(brands: int = 24, subcategories: int = 8, seasons: int = 6,
 
     # Unique (glyph, colour) per brand; drawn from a fixed stream so the look never moves.
     rng = np.random.default_rng(_WORLD_SEED)
-    seen, glyphs, logo_colours = set(), [], []
+    seen, glyphs, plate_colours = set(), [], []
     while len(glyphs) < brands:
         glyph = rng.random((4, 4)) < 0.5
-        colour = int(rng.integers(len(_LOGO_COLOURS)))
+        colour = int(rng.integers(logo_colours))
         key = (glyph.tobytes(), colour)
         if not 5 <= glyph.sum() <= 11 or key in seen:
             continue
         seen.add(key)
         glyphs.append(glyph)
-        logo_colours.append(_LOGO_COLOURS[colour])
+        plate_colours.append(_LOGO_COLOURS[colour])
     return SynthWorld(
         brands=tuple(names), seasons=tuple(season_names),
         subcategories=tuple(list(_SILHOUETTES)[:subcategories]),
         compositions=tuple(list(_COMPOSITIONS)[:compositions]),
         colours=tuple(list(_COLOURS)[:colours]),
-        brand_glyphs=np.stack(glyphs), brand_colours=np.array(logo_colours, dtype=np.float32))
+        brand_glyphs=np.stack(glyphs), brand_colours=np.array(plate_colours, dtype=np.float32),
+        logo_scale=logo_scale, label_scale=label_scale)
 
 
 # -- sampling products and views --------------------------------------------------------
@@ -434,23 +447,25 @@ def _render(world: SynthWorld, product: _Product, view: _View, size: int
     # Brand: a 4 x 4 glyph in the brand colour on a contrasting plate (small region).
     _, lu, lv = sil.logo_spots[product.logo_spot]
     lx, ly = to_px(lu + product.logo_jitter[0], lv + product.logo_jitter[1])
-    plate = 6 * cell
+    lc = cell * world.logo_scale
+    plate = 6 * lc
     bx0, by0 = int(round(lx - plate / 2)), int(round(ly - plate / 2))
-    glyph = np.kron(world.brand_glyphs[product.brand], np.ones((cell, cell), dtype=bool))
+    glyph = np.kron(world.brand_glyphs[product.brand], np.ones((lc, lc), dtype=bool))
     logo = np.broadcast_to(contrast, (plate, plate, 3)).copy()
-    logo[cell:5 * cell, cell:5 * cell][glyph] = world.brand_colours[product.brand]
+    logo[lc:5 * lc, lc:5 * lc][glyph] = world.brand_colours[product.brand]
     brand_box = _paste(img, logo, bx0, by0)
 
     # Season: a 7 x 3 label; lit dots code the year, their colour codes SS / FW (small).
     year, autumn = divmod(product.season, 2)
     bits = [(year + 1) >> i & 1 for i in (2, 1, 0)]
-    label = np.broadcast_to(np.array([238.0, 230.0, 212.0]), (3 * cell, 7 * cell, 3)).copy()
+    sc = cell * world.label_scale
+    label = np.broadcast_to(np.array([238.0, 230.0, 212.0]), (3 * sc, 7 * sc, 3)).copy()
     dot = np.array(_FW_COLOUR if autumn else _SS_COLOUR, dtype=np.float64)
     for i, bit in enumerate(bits):
         if bit:
-            label[cell:2 * cell, (2 * i + 1) * cell:(2 * i + 2) * cell] = dot
+            label[sc:2 * sc, (2 * i + 1) * sc:(2 * i + 2) * sc] = dot
     tx, ty = to_px(*sil.label_spot)
-    season_box = _paste(img, label, int(round(tx - 3.5 * cell)), int(round(ty - 1.5 * cell)))
+    season_box = _paste(img, label, int(round(tx - 3.5 * sc)), int(round(ty - 1.5 * sc)))
 
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     garment_box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
@@ -527,7 +542,8 @@ def _write_split(path: Path, world: SynthWorld, n_products: int, rng: np.random.
 def write_fashionsynth(out_dir: str | os.PathLike, products: int = 2000, val_products: int = 500,
                        seed: int = 0, image_size: int = 64, views: tuple[int, int] = (1, 3),
                        brands: int = 24, subcategories: int = 8, seasons: int = 6,
-                       compositions: int = 10, colours: int = 8,
+                       compositions: int = 10, colours: int = 8, logo_colours: int = len(_LOGO_COLOURS),
+                       logo_scale: int = 1, label_scale: int = 1,
                        progress: Callable[[int, int], None] | None = None) -> tuple[Path, Path]:
     """Write ``fashionsynth_train.h5`` and ``fashionsynth_validation.h5`` into ``out_dir``.
 
@@ -535,6 +551,8 @@ def write_fashionsynth(out_dir: str | os.PathLike, products: int = 2000, val_pro
     unchanged) plus ``region_<entity>`` boxes. The same arguments always give the
     same bytes in every key. ``views`` is the (min, max) number of images per
     product; ``progress(done, total)`` is called after each written block of images.
+    The world options (vocabulary sizes, ``logo_colours``, ``logo_scale``, ``label_scale``)
+    are ``make_world``'s.
     """
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 (the logo is 6 px), got {image_size}")
@@ -543,7 +561,8 @@ def write_fashionsynth(out_dir: str | os.PathLike, products: int = 2000, val_pro
     lo, hi = views
     if not 1 <= lo <= hi:
         raise ValueError(f"views must be (min, max) with 1 <= min <= max, got {views}")
-    world = make_world(brands, subcategories, seasons, compositions, colours)
+    world = make_world(brands, subcategories, seasons, compositions, colours,
+                       logo_colours=logo_colours, logo_scale=logo_scale, label_scale=label_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_path, val_path = out / TRAIN_FILE, out / VALIDATION_FILE
@@ -555,3 +574,73 @@ def write_fashionsynth(out_dir: str | os.PathLike, products: int = 2000, val_pro
                  first_product_id=9_000_000, **common)
     return train_path, val_path
 
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Everything that decides a FashionSynth data set, as one record (flags, JSON, cache keys).
+
+    ``write(out_dir)`` gives the same bytes for the same spec; benchmarks store the spec beside
+    the files so a run can always be repeated from it.
+    """
+
+    products: int = 2000
+    val_products: int = 500
+    seed: int = 0
+    image_size: int = 64
+    views: tuple[int, int] = (1, 3)
+    brands: int = 24
+    seasons: int = 6
+    subcategories: int = 8
+    compositions: int = 10
+    colours: int = 8
+    logo_colours: int = len(_LOGO_COLOURS)
+    logo_scale: int = 1
+    label_scale: int = 1
+
+    def write(self, out_dir: str | os.PathLike,
+              progress: Callable[[int, int], None] | None = None) -> tuple[Path, Path]:
+        options = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        options["views"] = tuple(options["views"])
+        return write_fashionsynth(out_dir, progress=progress, **options)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in
+                ((k, getattr(self, k)) for k in self.__dataclass_fields__)}
+
+
+# flag name -> (field, help); the one list behind `e2-adapter synth` and the benchmarks' data flags
+_SPEC_HELP = {
+    "products": "training products",
+    "val_products": "validation products",
+    "seed": "data seed: which products exist (the look of the world never depends on it)",
+    "image_size": "image side in pixels",
+    "views": "min and max images per product",
+    "brands": "number of brands",
+    "seasons": "number of seasons (at most 14)",
+    "subcategories": "number of garment silhouettes (at most 10)",
+    "compositions": "number of fabrics (at most 12)",
+    "colours": "number of garment colours (at most 10)",
+    "logo_colours": f"number of logo plate colours the brands share (at most {len(_LOGO_COLOURS)})",
+    "logo_scale": "draw the brand's logo plate this many times larger (1: a 6-cell plate, 4 x 4 glyph)",
+    "label_scale": "draw the season label this many times larger (1: 7 x 3 cells)",
+}
+
+
+def add_synth_flags(parser, defaults: SynthSpec | None = None, prefix: str = "") -> None:
+    """Add one flag per ``SynthSpec`` field (``--products``, ``--logo-scale``, ...)."""
+    defaults = defaults or SynthSpec()
+    for name, help_text in _SPEC_HELP.items():
+        value = getattr(defaults, name)
+        flag = "--" + prefix + name.replace("_", "-")
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=int, nargs=2, default=list(value), metavar=("MIN", "MAX"),
+                                help=f"{help_text} (default: {value[0]} {value[1]})")
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"{help_text} (default: {value})")
+
+
+def synth_spec_from_args(args, prefix: str = "") -> SynthSpec:
+    values = {name: getattr(args, prefix.replace("-", "_") + name) for name in _SPEC_HELP}
+    values["views"] = tuple(values["views"])
+    return SynthSpec(**values)
