@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     setting = setting_from_args(args)
-    train_path, val_path, base = prepare(setting, out)
+    train_path, val_path, base = prepare(setting, out, args.prepared)
     train, val = FashionGenH5(train_path), FashionGenH5(val_path)
     groups = [tuple(args.entities)] if args.joint else [(e,) for e in args.entities]
     for entities in groups:

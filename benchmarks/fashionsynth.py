@@ -46,6 +46,8 @@ VARIANTS = {
     "e2-paper-weights": ("e2", {**FAITHFUL, "global_weight": 0.5, "region_weight": 0.5}),
     "e2-no-fusion": ("e2", {**FAITHFUL, "fusion_after": ()}),
     "e2-no-region-loss": ("e2", {**FAITHFUL, "region_weight": 0.0}),
+    "e2-lean": ("e2", {"preset": "lean"}),
+    "e2-region-1": ("e2", {**FAITHFUL, "region_weight": 1.0}),
     "clip-ft-tags": ("clip-ft-tags", {}),  # tag losses on CLS: the extra supervision without E2's tokens
     **{f"e2-without-{e}": ("e2", {**FAITHFUL, "entities": tuple(x for x in ENTITIES if x != e)}) for e in ENTITIES},
 }
@@ -59,7 +61,8 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
     train, val = FashionGenH5(data[0]), FashionGenH5(data[1])
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,
                       out / f"{variant}-b{batch}-s{seed}", "open_clip", progress=False)
-    trainer.fit()
+    # A run a stopped session left half done continues from its last checkpoint.
+    trainer.fit(resume=(trainer.out / "checkpoint_last.pt").is_file())
     model = trainer.model.eval()  # the final model: equal steps for every variant
     metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))
     # One pass over each split serves the global probes and (wrapped models) the region probes.
@@ -97,7 +100,19 @@ def selection_diagnostics(model, preprocess, train: FashionGenH5, val: FashionGe
     return out
 
 
-def write_report(out: Path, runs: dict, curves: dict, header: str) -> None:
+def load_finished(out: Path, steps: int) -> tuple[dict, dict, list]:
+    """The runs an earlier invocation of the same command finished (so a stopped benchmark resumes)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}, {}, []
+    data = json.loads(path.read_text())
+    if data.get("steps") != steps or "done" not in data:
+        raise SystemExit(f"{out} holds results of another run (steps {data.get('steps')}); use a new --out")
+    return data["runs"], data["curves"], data["done"]
+
+
+def write_report(out: Path, runs: dict, curves: dict, header: str, done: list | None = None,
+                 steps: int | None = None) -> None:
     """results.md: retrieval/probe table for every variant, and the selection diagnostics for E2's."""
     main_cols = [c for c in next(iter(runs.values()))[0] if not c.startswith(("hit ", "region probe"))]
     table = mean_std_table(runs, columns=main_cols, name_header="variant")
@@ -109,7 +124,7 @@ def write_report(out: Path, runs: dict, curves: dict, header: str) -> None:
     text += "\nValidation product-full SumR during training (mean over seeds):\n\n" + curve_table(curves) + "\n"
     print(text)
     (out / "results.md").write_text(text)
-    save_json(out / "results.json", {"runs": runs, "curves": curves, "header": header})
+    save_json(out / "results.json", {"runs": runs, "curves": curves, "header": header, "done": done, "steps": steps})
 
 
 def curve_table(curves: dict) -> str:
@@ -156,20 +171,22 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     setting = setting_from_args(args)
-    *data, base = prepare(setting, out)
-    runs: dict[str, list[dict]] = {}
-    curves: dict[str, list] = {}
+    *data, base = prepare(setting, out, args.prepared)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     header = f"{setting.describe()}, {args.steps} fine-tuning steps; machine: {machine}"
+    runs, curves, done = load_finished(out, args.steps)
     for batch in args.batch_sizes:
         for variant in args.variants:
             name = variant if batch == DEFAULT_BATCH else f"{variant} (batch {batch})"
             for seed in args.seeds:
+                if [name, seed] in done:
+                    continue
                 result = run_one(variant, seed, args.steps, batch, setting, data, base, out)
                 runs.setdefault(name, []).append(result["row"])
                 curves.setdefault(name, []).append(result["curve"])
+                done.append([name, seed])
                 print(json.dumps({"variant": name, "seed": seed, **result["row"]}), flush=True)
-                write_report(out, runs, curves, header)  # after every run: a crash loses nothing done
+                write_report(out, runs, curves, header, done, args.steps)  # after every run: nothing done is lost
 
 
 if __name__ == "__main__":

@@ -10,65 +10,40 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .data import FashionGenH5, write_fashionsynth
+from .data import FashionGenH5
 from .evaluation.embed import evaluate, linear_probe_entities
 from .evaluation.report import results_to_markdown, save_json
-from .training.config import TrainConfig
+from .experiments import Setting, base_model, finetune_config, prepare
 from .training.trainer import Trainer
-from .zoo import create_clip
 
-COARSE_TEMPLATE = "{name}. {composition}"  # what a web caption knows: colour, garment, fabric
-MODEL = "demo"
-
-FULL = dict(products=2000, val_products=400, pretrain_steps=600, finetune_steps=600)
-QUICK = dict(products=200, val_products=100, pretrain_steps=20, finetune_steps=20)
-
-
-def finetune_config(method: str, steps: int, seed: int, batch_size: int) -> TrainConfig:
-    """Both methods: the same steps, batch, schedule and backbone learning rate (no frozen stage)."""
-    return TrainConfig(method=method, stage1_steps=0, stage2_steps=steps, stage2_lr=3e-4, adapter_lr=1e-3,
-                       global_weight=1.0, region_weight=0.25, tau_start=4.0, tau_end=0.5,
-                       batch_size=batch_size, warmup_steps=max(steps // 20, 1), eval_every=max(steps // 4, 1),
-                       seed=seed, log_every=max(steps // 20, 1))
-
-
-def pretrain_base(out: Path, train_path: Path, steps: int, seed: int, batch_size: int) -> Path:
-    """A plain CLIP trained from scratch on coarse captions; cached at out/base.pt."""
-    path = out / "base.pt"
-    if path.is_file():
-        return path
-    bundle = create_clip("open_clip", MODEL, seed=seed)
-    coarse = FashionGenH5(train_path, text_template=COARSE_TEMPLATE)
-    cfg = TrainConfig(method="clip-ft", stage1_steps=0, stage2_steps=steps, stage2_lr=1e-3, batch_size=batch_size,
-                      warmup_steps=max(steps // 20, 1), seed=seed, log_every=max(steps // 20, 1))
-    Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, coarse, None, cfg, out / "pretrain", "open_clip").fit()
-    torch.save(bundle.model.state_dict(), path)
-    return path
+# The demo's setting: the benchmark's calibrated FashionSynth world at a smaller budget.
+FULL = Setting()
+FULL_STEPS = 600
+QUICK = replace(Setting(), data=replace(FULL.data, products=200, val_products=100), pretrain_steps=20, model="demo")
+QUICK_STEPS = 20
 
 
 def run(args) -> dict:
-    sizes = QUICK if args.quick else FULL
+    setting, steps = (QUICK, QUICK_STEPS) if args.quick else (FULL, FULL_STEPS)
+    setting = replace(setting, data=replace(setting.data, seed=args.seed))
     batch = 32 if args.quick else 64
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] FashionSynth -> {out / 'data'}")
-    train_path, val_path = write_fashionsynth(out / "data", products=sizes["products"],
-                                              val_products=sizes["val_products"], seed=args.seed, image_size=64)
-    print(f"[2/4] pre-training a plain CLIP on coarse captions ({sizes['pretrain_steps']} steps)")
-    base = pretrain_base(out, train_path, sizes["pretrain_steps"], args.seed, batch)
+    print(f"[1/4] FashionSynth -> {out / 'data'}; [2/4] pre-training a plain CLIP on coarse captions "
+          f"({setting.pretrain_steps} steps, cached in {out / 'base.pt'})")
+    train_path, val_path, base = prepare(setting, out)
     train, val = FashionGenH5(train_path), FashionGenH5(val_path)
 
     results, models = {}, {}
     for method in ("clip-ft", "e2"):
-        print(f"[3/4] fine-tuning {method} ({sizes['finetune_steps']} steps)")
-        bundle = create_clip("open_clip", MODEL)
-        bundle.model.load_state_dict(torch.load(base, map_location="cpu"))
+        print(f"[3/4] fine-tuning {method} ({steps} steps)")
+        bundle = base_model(setting, base)
         trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val,
-                          finetune_config(method, sizes["finetune_steps"], args.seed, batch), out / method, "open_clip")
+                          finetune_config(method, steps, args.seed, batch), out / method, "open_clip")
         trainer.fit()
         model = trainer.model.eval()
         models[method] = (model, bundle)
@@ -77,7 +52,7 @@ def run(args) -> dict:
         results[method] = {"metrics": metrics, "probe": probe, "curve": trainer.state.history}
 
     print("[4/4] report")
-    table = report(results)
+    table = setting.describe() + f", {steps} fine-tuning steps per method\n\n" + report(results)
     print(table)
     (out / "results.md").write_text(table + "\n")
     save_json(out / "results.json", results)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data import FashionGenH5, SynthSpec
+from .data import TRAIN_FILE, VALIDATION_FILE, FashionGenH5, SynthSpec
 from .training.config import TrainConfig
 from .zoo import create_clip
 
@@ -50,6 +50,8 @@ def add_setting_flags(parser, defaults: Setting | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     parser.add_argument("--pretrain-template", default=defaults.pretrain_template,
                         help="caption template of the base's pre-training (never name brand or season)")
+    parser.add_argument("--prepared", type=Path, default=None,
+                        help="reuse the data and base of this earlier --out of the same setting")
     add_synth_flags(parser.add_argument_group("FashionSynth data"), defaults.data)
 
 
@@ -59,19 +61,30 @@ def setting_from_args(args) -> Setting:
                    pretrain_template=args.pretrain_template)
 
 
-def prepare(setting: Setting, out: Path) -> tuple[Path, Path, Path]:
-    """Write the data and pre-train the base into ``out`` (once); returns (train h5, val h5, base.pt)."""
+def prepare(setting: Setting, out: Path, prepared: Path | None = None) -> tuple[Path, Path, Path]:
+    """Write the data and pre-train the base into ``out`` (once); returns (train h5, val h5, base.pt).
+
+    ``prepared``: a folder an earlier ``prepare`` of the same setting filled (parallel runs share
+    one data set and one base instead of pre-training it again).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if prepared is not None:
+        prepared = Path(prepared)
+        if not (prepared / "base.pt").is_file():
+            raise SystemExit(f"{prepared} holds no prepared setting (no base.pt); run once with --out {prepared}")
+        out = prepared
     record = out / "setting.json"
     wanted = setting.to_dict()
+    train_path, val_path = out / "data" / TRAIN_FILE, out / "data" / VALIDATION_FILE
     if record.is_file():
         have = json.loads(record.read_text())
         if have != wanted:
             diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
             raise SystemExit(f"{out} was prepared for another setting (differs in {diff}); "
                              f"use a new --out or delete {out}")
-    train_path, val_path = setting.data.write(out / "data")
+    if not (record.is_file() and train_path.is_file() and val_path.is_file()):
+        setting.data.write(out / "data")
     base = out / "base.pt"
     if not base.is_file():
         pretrain_base(setting, train_path, base, out / "pretrain")

@@ -1,6 +1,8 @@
 """The evidence scripts under benchmarks/ run end to end at toy size and report what they claim to."""
 import json
 
+import pytest
+
 from conftest import load_benchmark
 
 
@@ -55,3 +57,17 @@ def test_composed_retrieval_aggregates_runs_as_mean_and_std(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "over 2 runs" in out
     assert "| brand | 50.0 ± 14.1 | 100.0 ± 0.0 | 50.0 ± 14.1 | 100.0 ± 0.0 |" in out
+
+
+def test_fashionsynth_resumes_finished_runs_and_refuses_another_setting(tmp_path, one_thread, capsys):
+    bench = load_benchmark("fashionsynth")
+    common = ["--out", str(tmp_path), "--products", "70", "--val-products", "12", "--steps", "2",
+              "--pretrain-steps", "1", "--variants", "clip-ft"]
+    bench.main([*common, "--seeds", "0"])
+    capsys.readouterr()
+    bench.main([*common, "--seeds", "0", "1"])  # seed 0 is done: only seed 1 trains
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["seed"] for r in printed] == [1]
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]["clip-ft"]) == 2
+    with pytest.raises(SystemExit, match="another setting.*logo_scale|differs in \\['data'\\]"):
+        bench.main([*common, "--seeds", "0", "--logo-scale", "2"])

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from e2_adapter.data import FASHIONGEN_KEYS, SYNTH_ENTITIES, make_world, write_fashionsynth
+from e2_adapter.data import FASHIONGEN_KEYS, SYNTH_ENTITIES, FashionGenH5, make_world, write_fashionsynth
 
 STRING_KEYS = [k for k in FASHIONGEN_KEYS if k.startswith("input_") and k not in (
     "input_image", "input_msrpUSD", "input_productID")]
@@ -118,3 +118,21 @@ def test_views_of_a_product_differ_slightly(synth):
                  if ids[r] != ids[(r + 9) % len(ids)]]
     assert min(view_gap) > 0                       # views are not copies
     assert np.mean(view_gap) < np.mean(other_gap)  # but closer than other products
+
+
+def test_world_knobs_set_the_size_of_the_details_and_the_shared_logo_colours(tmp_path):
+    from e2_adapter.data import SynthSpec
+    small = FashionGenH5(SynthSpec(products=6, val_products=2).write(tmp_path / "a")[0])
+    large = FashionGenH5(SynthSpec(products=6, val_products=2, logo_scale=2, label_scale=2).write(tmp_path / "b")[0])
+
+    def size(cat, entity):
+        x0, y0, x1, y1 = cat.regions(0, 0)[entity]
+        return x1 - x0, y1 - y0
+    assert size(small, "brand") == (6, 6) and size(large, "brand") == (12, 12)
+    assert size(small, "season") == (7, 3) and size(large, "season") == (14, 6)
+    # Two plate colours for twelve brands: only the glyph tells brands of one colour apart.
+    world = make_world(brands=12, logo_colours=2)
+    assert len({tuple(c) for c in world.brand_colours}) == 2
+    assert len({g.tobytes() + c.tobytes() for g, c in zip(world.brand_glyphs, world.brand_colours)}) == 12
+    with pytest.raises(ValueError, match="logo_scale"):
+        make_world(logo_scale=0)
