@@ -17,6 +17,14 @@ PRESETS = ("faithful", "lean", "gated")
 # and it leaves a pretrained CLIP's embeddings unchanged until training moves the gate.
 DEFAULT_PRESET = "gated"
 LEAN_QK_RANK = 32  # keeps ViT-B/32's overhead under the paper's 1.9% (benchmarks/overhead.py)
+CONFIG_VERSION = 2  # 2: presets resolved into the layout fields (1 wrote drop_patches=True for gated)
+# What each preset sets. A field left at None takes its preset's value; an explicit value that
+# contradicts the preset is an error, so the saved config always says what runs.
+PRESET_LAYOUTS = {
+    "faithful": {"gated": False, "drop_patches": True, "qk_rank": None},
+    "lean": {"gated": False, "drop_patches": True, "qk_rank": LEAN_QK_RANK},
+    "gated": {"gated": True, "drop_patches": False, "qk_rank": None},
+}
 
 
 def dataclass_from_dict(cls, d: dict, what: str):
@@ -37,8 +45,12 @@ class E2Config:
     fusion_after: 1-based indices of the blocks after which a fusion block runs; ``None`` derives
         them from the depth (after ~2/3 of the blocks and after the second-to-last one: 8 and 11 of 12);
         ``()`` means no fusion blocks (an ablation).
-    drop_patches: drop the patch tokens after the last fusion block (the paper's layout).
-    qk_rank: width of the fusion blocks' query/key space; ``None`` = the tower width (the paper).
+    preset: the layout family (``PRESET_LAYOUTS``): faithful, lean or gated. It fills ``gated``,
+        ``drop_patches`` and ``qk_rank`` where they are left at None and rejects values that contradict it.
+    drop_patches: drop the patch tokens after the last fusion block (the paper's layout; never with
+        ``gated``, where the class token still reads the patches in the last block).
+    qk_rank: width of the fusion blocks' query/key space; ``None`` = the tower width (the paper;
+        ``lean``: 32).
     gumbel_tau: Gumbel-softmax temperature of the hard selection during training.
     gated: start where CLIP is: class and patch tokens never attend to the selection tokens, and the
         selection tokens reach the global embedding only through a zero-initialised gate, so the
@@ -51,10 +63,10 @@ class E2Config:
     entities: tuple[str, ...] = DEFAULT_ENTITIES
     tokens_per_entity: int = 2
     fusion_after: tuple[int, ...] | None = None
-    drop_patches: bool = True
+    drop_patches: bool | None = None
     qk_rank: int | None = None
     gumbel_tau: float = 1.0
-    gated: bool = True
+    gated: bool | None = None
     token_init: str = "normal"
     preset: str = DEFAULT_PRESET
     # Filled in by wrap() from the model, checked by load_adapter().
@@ -62,7 +74,7 @@ class E2Config:
     width: int | None = None
     embed_dim: int | None = None
     num_blocks: int | None = None
-    version: int = field(default=1)
+    version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
         if isinstance(self.entities, str):
@@ -89,16 +101,29 @@ class E2Config:
             raise ValueError(f"token_init must be 'cls' or 'normal', got {self.token_init!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {PRESETS}")
+        self._resolve_preset()
+
+    def _resolve_preset(self) -> None:
+        layout = PRESET_LAYOUTS[self.preset]
+        for name in ("gated", "drop_patches"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, layout[name])
+            elif bool(value) != layout[name]:
+                raise ValueError(f"{name}={value} contradicts preset {self.preset!r} ({name}={layout[name]}); "
+                                 f"choose the preset that has it ({self._presets_with(name, bool(value))})")
+        if self.qk_rank is None:
+            self.qk_rank = layout["qk_rank"]
+
+    @staticmethod
+    def _presets_with(name: str, value) -> str:
+        return ", ".join(p for p, layout in PRESET_LAYOUTS.items() if layout[name] == value) or "none"
 
     @classmethod
     def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> "E2Config":
         """``faithful``: the paper's layout. ``lean``: low-rank fusion q/k (<= 1.9% extra parameters
         on ViT-B/32). ``gated``: the faithful layout that starts exactly where CLIP is."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
-        base = {"faithful": {"gated": False}, "lean": {"qk_rank": LEAN_QK_RANK, "gated": False},
-                "gated": {"gated": True}}[name]
-        return cls(preset=name, **{**base, **overrides})
+        return cls(preset=name, **overrides)
 
     @property
     def num_tokens(self) -> int:
@@ -129,6 +154,15 @@ class E2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "E2Config":
+        d = dict(d)
+        if d.get("version", 1) == 1:
+            # Version 1 wrote drop_patches=True for gated adapters, which never dropped them, and
+            # E2Config(preset=...) did not apply the preset: keep what actually ran.
+            if d.get("gated"):
+                d["drop_patches"] = False
+            if "gated" in d:
+                d["preset"] = ("gated" if d["gated"] else "lean" if d.get("qk_rank") else "faithful")
+            d["version"] = CONFIG_VERSION
         return dataclass_from_dict(cls, d, "adapter config (written by a newer e2-adapter?)")
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -42,7 +42,7 @@ def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor,
     x = backend.pre_norm(torch.cat([x[:, :1], tokens, x[:, 1:]], dim=1))
 
     gated = adapter.gate is not None
-    drop_patches = adapter.config.drop_patches and not gated  # gated: CLS keeps seeing the patches
+    drop_patches = adapter.config.drop_patches  # never with gated (E2Config): CLS keeps seeing the patches
     mask = gated_mask(num_tokens, x.shape[1], x.dtype, x.device) if gated else None
 
     selections, start = [], 0

@@ -308,3 +308,21 @@ def test_backend_text_encoding_skips_padding_without_changing_embeddings(family)
     longest = int((tokens != 0).sum(-1).max())  # start + words + end: the longest text's used positions
     assert seen == [longest] and longest < tokens.shape[1]
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_presets_fill_the_layout_and_contradictions_are_errors():
+    from e2_adapter.config import E2Config
+    lean = E2Config(preset="lean")  # the plain constructor applies the preset, as from_preset does
+    assert (lean.gated, lean.drop_patches, lean.qk_rank) == (False, True, 32)
+    assert E2Config(preset="lean").to_dict() == E2Config.from_preset("lean").to_dict()
+    gated = E2Config.from_preset("gated")
+    assert (gated.gated, gated.drop_patches, gated.qk_rank) == (True, False, None)
+    with pytest.raises(ValueError, match="drop_patches=True contradicts preset 'gated'"):
+        E2Config(preset="gated", drop_patches=True)
+    with pytest.raises(ValueError, match="gated=True contradicts preset 'faithful'.*gated"):
+        E2Config(preset="faithful", gated=True)
+    # A version-1 config (gated, drop_patches written as True but never applied) loads as what ran.
+    old = {**gated.to_dict(), "drop_patches": True, "version": 1}
+    assert E2Config.from_dict(old).drop_patches is False
+    assert E2Config.from_dict({**E2Config.from_preset("lean").to_dict(), "preset": "gated", "gated": False,
+                               "version": 1}).preset == "lean"
