@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's setting: FashionGen, OpenAI ViT-B/32, the two-stage recipe (spec section 3), CLIP-FT and
+# The paper's setting: FashionGen, OpenAI ViT-B/32, the two-stage recipe (docs/method.md, section 3), CLIP-FT and
 # E2 from the same weights, evaluated under all three retrieval protocols plus per-entity linear probes.
 # One GPU. Runs unchanged on FashionSynth files (tests/test_examples.py does, at tiny scale):
 #   TRAIN=fashionsynth_train.h5 VAL=fashionsynth_validation.h5 MODEL=tiny PRETRAINED=none \

@@ -1,4 +1,4 @@
-"""AmazonFashion reader (the paper's second benchmark; E2_SPEC.md section 4).
+"""AmazonFashion reader (the paper's second benchmark; docs/method.md, section 4).
 
 Amazon Reviews fashion metadata plus a split file and a local image folder.
 Text = brand + ". " + title; the only tag entity is brand; there is no

@@ -3,7 +3,7 @@
 Also reads FashionSynth files, which use the same schema plus optional
 ``region_<entity>`` keys (ground-truth entity boxes).
 
-Layout (E2_SPEC.md section 4): one row per image; strings are fixed-length
+Layout (docs/method.md, section 4): one row per image; strings are fixed-length
 byte arrays of shape (N, 1) in latin-1; ``input_image`` is uint8 N x H x W x 3;
 rows of one product share ``input_productID`` (contiguous in the real files,
 but grouping by id keeps us correct if they are not).

@@ -2,7 +2,7 @@
 
 Fashion papers report "R@K" under three different protocols that give very
 different numbers, so each one is a separate, explicitly named function
-(see E2_SPEC.md section 5):
+(see docs/method.md, section 5):
 
 - ``product_full``  (reference code): first image per product vs. one text per
   product, an N x N ranking over products.
