@@ -78,6 +78,38 @@ def train_ceiling(entities: tuple[str, ...], setting: Setting, base: Path, train
     return rows
 
 
+def calibration_table(folders: list[Path]) -> str:
+    """One row per prepared setting: its knobs, the supervised ceilings, and CLIP-FT's probes and
+    time per run from a fashionsynth benchmark run in the same folder (if one was made)."""
+    lines = ["| setting | model | products | brands / logo colours | logo, label scale | ceiling brand | ceiling season "
+             "| CLIP-FT probe brand | CLIP-FT probe season | CLIP-FT pf SumR | ceiling s/run | CLIP-FT s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for folder in folders:
+        setting = json.loads((folder / "setting.json").read_text())
+        data = setting["data"]
+        ceilings = {}
+        if (folder / "ceiling.jsonl").is_file():
+            for line in (folder / "ceiling.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                ceilings.setdefault(row["entity"], []).append(row)
+        ft = {}
+        if (folder / "results.json").is_file():
+            runs = json.loads((folder / "results.json").read_text())["runs"].get("clip-ft", [])
+            ft = runs[0] if runs else {}
+
+        def ceiling(e):
+            rows = ceilings.get(e, [])
+            return (f"{sum(r['val_accuracy'] for r in rows) / len(rows):.1f} (chance {rows[0]['chance']:.1f})"
+                    if rows else "-")
+        seconds = [r["seconds"] for rows in ceilings.values() for r in rows]
+        cells = [folder.name, setting["model"], f"{data['products']}", f"{data['brands']} / {data['logo_colours']}",
+                 f"{data['logo_scale']}, {data['label_scale']}", ceiling("brand"), ceiling("season"),
+                 *(f"{ft[k]:.1f}" if k in ft else "-" for k in ("probe brand", "probe season", "pf SumR")),
+                 f"{max(seconds):.0f}" if seconds else "-", f"{ft['seconds']:.0f}" if "seconds" in ft else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
@@ -88,7 +120,11 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     add_setting_flags(p)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--table", nargs="+", type=Path, metavar="DIR",
+                   help="only print the calibration table of these prepared folders")
     args = p.parse_args(argv)
+    if args.table:
+        return print(calibration_table(args.table))
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -32,6 +32,9 @@ def test_entity_ceiling_reports_accuracy_and_chance(tmp_path, one_thread, capsys
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["entity"] == "season" and abs(row["chance"] - 100 / 6) < 1e-6
     assert 0 <= row["val_accuracy"] <= 100
+    bench.main(["--table", str(base_out)])  # the calibration table reads what the run kept on disk
+    table_row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert table_row.startswith("| bench | demo | 2000 | 24 / 6 | 1, 1 | - | ") and "(chance 16.7)" in table_row
 
 
 def test_step_time_compares_against_clip_ft_in_the_same_run(tmp_path, one_thread, capsys):
