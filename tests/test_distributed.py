@@ -1,7 +1,8 @@
 """Multi-process training computes the one-process loss and gradients on the same global batch.
 
 Fast tests check the loss shares in one process; the slow one spawns 2 gloo processes on CPU and
-compares the trainer's objective under DDP with one process on the concatenated batch.
+compares the trainer's objective under DDP with one process on the concatenated batch, and a catalogue
+embedded in shards across the 2 processes with one process embedding all of it.
 """
 import socket
 
@@ -112,7 +113,23 @@ def _loss_and_grads(objective, images, texts, tags, text_frozen, ddp=None):
     return {k: v.detach() for k, v in parts.items()}, grads
 
 
-def _worker(rank, port, out_dir):
+def _embeddings(catalogue_path, distributed):
+    """A wrapped tiny model's catalogue embeddings, every view (9 products: uneven shards)."""
+    from e2_adapter.data import FashionGenH5
+    from e2_adapter.evaluation.embed import embed_catalogue
+    objective = _objective("e2")
+    catalogue = FashionGenH5(catalogue_path)
+    emb = embed_catalogue(objective.model, catalogue, _transform(), objective.tokenizer, views="all",
+                          batch_size=4, regions=True, distributed=distributed)
+    return {"image": emb.image, "text": emb.text, "products": emb.image_products, **emb.regions}
+
+
+def _transform():
+    from e2_adapter.zoo import clip_transform
+    return clip_transform(32)
+
+
+def _worker(rank, port, out_dir, catalogue_path):
     import torch.distributed as dist
     from torch import nn
     from e2_adapter.training.distributed import mean_over_ranks
@@ -128,6 +145,7 @@ def _worker(rank, port, out_dir):
             parts, grads = _loss_and_grads(objective, images[rows], [texts[i] for i in rows],
                                            {e: [v[i] for i in rows] for e, v in tags.items()}, frozen, ddp)
             results[(method, frozen)] = (mean_over_ranks(parts), grads)
+        results["embeddings"] = _embeddings(catalogue_path, distributed=True)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -142,7 +160,10 @@ def _free_port():
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, one_thread):
     import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    from e2_adapter.data import write_fashionsynth
+    _, catalogue_path = write_fashionsynth(tmp_path / "synth", products=8, val_products=9, seed=0, image_size=32)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), str(catalogue_path)), nprocs=WORLD, join=True)
+    one_process_embeddings = _embeddings(catalogue_path, distributed=False)
     images, texts, tags = _batch()
     order = [i for rows in partition(len(texts), WORLD) for i in rows]  # the gathered batch's row order
     for rank in range(WORLD):
@@ -158,3 +179,9 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, one_
             assert set(grads) == set(ref_grads) and len(grads) > 10
             for name, g in ref_grads.items():
                 torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=f"{method} grad {name}")
+        # Embedding sharded across the ranks: every rank gets the whole catalogue, in catalogue order.
+        embeddings = results["embeddings"]
+        assert set(embeddings) == set(one_process_embeddings)
+        assert len(embeddings["products"]) > 9 and len(embeddings["text"]) == 9  # more views than products
+        for key, ref in one_process_embeddings.items():
+            torch.testing.assert_close(embeddings[key], ref, atol=1e-5, rtol=1e-5, msg=key)
