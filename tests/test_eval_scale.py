@@ -90,3 +90,15 @@ def test_eval_scale_measures_and_tabulates():
     table = bench.growth_table(rows)
     assert "| product-full | exact | 80 |" in table and "for x2.0 N" in table
     assert table.count("\n") == 4  # header, rule, three rows
+
+
+def test_gpu_check_skips_cleanly_without_cuda():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "skipped, no CUDA GPU visible" in run.stdout

@@ -141,6 +141,11 @@ class _Positives:
         return self.order[flat], valid
 
 
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row; an int32 sum runs about twice as fast as the default int64 one on CPU."""
+    return mask.sum(dim=1, dtype=torch.int32).long()
+
+
 def _ranks(q: torch.Tensor, g: torch.Tensor, q_ids: torch.Tensor, g_ids: torch.Tensor,
            chunk_size: int) -> torch.Tensor:
     """first_positive_rank on checked, normalised, same-device inputs."""
@@ -156,12 +161,12 @@ def _ranks(q: torch.Tensor, g: torch.Tensor, q_ids: torch.Tensor, g_ids: torch.T
             pos_sims = sims.gather(1, index).masked_fill_(~valid, float("-inf"))
             best_pos = pos_sims.amax(dim=1, keepdim=True)
             # every item scoring >= the best positive, minus the positives among them (at least itself)
-            rank = (sims >= best_pos).sum(dim=1) - ((pos_sims >= best_pos) & valid).sum(dim=1)
+            rank = _count(sims >= best_pos) - _count((pos_sims >= best_pos) & valid)
             has_pos = valid.any(dim=1)
         else:
             is_pos = q_ids[start:stop, None] == g_ids[None, :]
             best_pos = sims.masked_fill(~is_pos, float("-inf")).amax(dim=1, keepdim=True)
-            rank = ((sims >= best_pos) & ~is_pos).sum(dim=1)
+            rank = _count((sims >= best_pos) & ~is_pos)
             has_pos = is_pos.any(dim=1)
         rank[~has_pos] = g.shape[0]
         ranks[start:stop] = rank
