@@ -3,6 +3,10 @@
 Region loss done right: a tag value that appears several times in a batch (two products of the same
 brand) is one candidate, not several that are negatives of each other. Texts are deduplicated
 and each distinct value's positives are all the images that carry it (multi-positive targets).
+
+Multi-process training (``*_share``): every process holds the whole gathered batch but scores only its
+own rows against all columns. A share is that process's part of the one-process loss: the shares of
+a partition of the rows sum to ``clip_loss`` / ``region_loss`` / ``e2_loss`` of the whole batch.
 """
 from __future__ import annotations
 
@@ -57,8 +61,56 @@ def e2_loss(image: torch.Tensor, text: torch.Tensor, regions: dict[str, torch.Te
     parts = {"global": clip_loss(image, text, logit_scale)}
     for entity, emb in regions.items():
         parts[f"region/{entity}"] = region_loss(emb, tag_ids[entity], tag_text[entity], logit_scale)
+    return {"loss": _weighted_total(parts, global_weight, region_weight), **parts}
+
+
+def _weighted_total(parts: dict[str, torch.Tensor], global_weight: float, region_weight: float) -> torch.Tensor:
     region_terms = [v for k, v in parts.items() if k.startswith("region/")]
     total = global_weight * parts["global"]
     if region_terms and region_weight:
         total = total + region_weight * torch.stack(region_terms).mean()
-    return {"loss": total, **parts}
+    return total
+
+
+# --- shares of the one-process losses, for gathered multi-process batches -------------------------------
+
+def clip_loss_share(image: torch.Tensor, text: torch.Tensor, rows: slice, logit_scale: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``clip_loss(image, text)``: its ``rows`` of the [B, D] gathered batch
+    scored against all B columns (labels offset by the rows' start)."""
+    img, txt = _normalize(image), _normalize(text)
+    scale = logit_scale.exp().float()
+    labels = torch.arange(rows.start, rows.stop, device=img.device)
+    image_to_text = F.cross_entropy(scale * img[rows] @ txt.t(), labels, reduction="sum")
+    text_to_image = F.cross_entropy(scale * txt[rows] @ img.t(), labels, reduction="sum")
+    return (image_to_text + text_to_image) / (2 * image.shape[0])
+
+
+def region_loss_share(region: torch.Tensor, value_ids: torch.Tensor, value_text: torch.Tensor, rows: slice,
+                      logit_scale: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``region_loss`` over the gathered batch: ``region`` [B, D] and
+    ``value_ids`` [B] cover every process's rows, ``value_text`` [U, D] the batch's distinct values.
+    image -> value for its own rows; value -> image for the positives among its own rows, each against
+    the value's negatives in the whole batch and weighted by the value's positive count in the whole batch."""
+    value_ids = value_ids.to(region.device)
+    reg, txt = _normalize(region), _normalize(value_text)
+    scale = logit_scale.exp().float()
+    n_rows, n_values = region.shape[0], value_text.shape[0]
+    image_to_value = F.cross_entropy(scale * reg[rows] @ txt.t(), value_ids[rows], reduction="sum") / n_rows
+    scores = scale * txt @ reg.t()                                              # [U, B]
+    positive = F.one_hot(value_ids, n_values).t().bool()                       # [U, B]
+    negatives = torch.logsumexp(scores.masked_fill(positive, -1e9), dim=1, keepdim=True)
+    mine = scores[:, rows]
+    per_positive = torch.logaddexp(mine, negatives) - mine
+    value_to_image = ((per_positive * positive[:, rows]).sum(1) / positive.sum(1)).sum() / n_values
+    return (image_to_value + value_to_image) / 2
+
+
+def e2_loss_share(image: torch.Tensor, text: torch.Tensor, regions: dict[str, torch.Tensor],
+                  tag_ids: dict[str, torch.Tensor], tag_text: dict[str, torch.Tensor], rows: slice,
+                  logit_scale: torch.Tensor, global_weight: float = 0.5,
+                  region_weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """``e2_loss`` split by rows: every part (and the total, a linear mix of them) is this process's share."""
+    parts = {"global": clip_loss_share(image, text, rows, logit_scale)}
+    for entity, emb in regions.items():
+        parts[f"region/{entity}"] = region_loss_share(emb, tag_ids[entity], tag_text[entity], rows, logit_scale)
+    return {"loss": _weighted_total(parts, global_weight, region_weight), **parts}

@@ -2,18 +2,22 @@
 
 Works on a wrapped E2 model, an unwrapped CLIP of any supported family, or (via load_adapter) an
 adapter directory: everything goes through the family backend's encode_image / encode_text.
+
+``distributed=True`` under torchrun: each rank embeds a contiguous shard of the images and texts and
+every rank gets the whole catalogue's embeddings back, in catalogue order (so all ranks must call it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..backends import VisionBackend
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import EvalImages, collate
 from ..wrap import encode_image_regions, get_backend, is_wrapped
+from ..training.distributed import gather_rows, rank_and_world
 from .linear_probe import probe_entities
 from .retrieval import PROTOCOLS
 
@@ -30,24 +34,47 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _shard(n: int, distributed: bool) -> tuple[range, list[int]]:
+    """This rank's contiguous block of n items and every rank's block length (one block on one process,
+    or when there are fewer items than ranks: then every rank embeds everything)."""
+    rank, world = rank_and_world() if distributed else (0, 1)
+    if world == 1 or n < world:
+        return range(n), [n]
+    bounds = [n * r // world for r in range(world + 1)]
+    return range(bounds[rank], bounds[rank + 1]), [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def _gathered(local: torch.Tensor, counts: list[int], device: torch.device) -> torch.Tensor:
+    """Every rank's rows in rank order, on the CPU (through the device: nccl gathers CUDA tensors)."""
+    if len(counts) == 1:
+        return local
+    return gather_rows(local.to(device), counts).cpu()
+
+
 @torch.no_grad()
-def embed_texts(backend: VisionBackend, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+def embed_texts(backend: VisionBackend, tokenizer, texts: list[str], batch_size: int = 256,
+                distributed: bool = False) -> torch.Tensor:
     device = _device_of(backend.model)
+    mine, counts = _shard(len(texts), distributed)
+    texts = texts[mine.start:mine.stop]
     chunks = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
               for i in range(0, len(texts), batch_size)]
-    return torch.cat(chunks)
+    return _gathered(torch.cat(chunks), counts, device)
 
 
 @torch.no_grad()
 def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, views: str = "first",
-                    batch_size: int = 128, regions: bool = False, num_workers: int = 0) -> CatalogueEmbeddings:
+                    batch_size: int = 128, regions: bool = False, num_workers: int = 0,
+                    distributed: bool = False) -> CatalogueEmbeddings:
     was_training = model.training
     model.eval()
     backend = get_backend(model)
     device = _device_of(model)
     want_regions = regions and is_wrapped(model)
-    images, products, region_rows = [], [], {}
-    loader = DataLoader(EvalImages(catalogue, transform, views=views), batch_size=batch_size,
+    images, region_rows = [], {}
+    dataset = EvalImages(catalogue, transform, views=views)
+    mine, counts = _shard(len(dataset), distributed)
+    loader = DataLoader(Subset(dataset, mine) if len(counts) > 1 else dataset, batch_size=batch_size,
                         collate_fn=collate, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
     for batch in loader:
@@ -59,11 +86,12 @@ def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, vi
                 region_rows.setdefault(e, []).append(v.float().cpu())
         else:
             images.append(backend.encode_image(pixels).float().cpu())
-        products.append(batch["product"])
-    text = embed_texts(backend, tokenizer, catalogue.texts())
+    text = embed_texts(backend, tokenizer, catalogue.texts(), distributed=distributed)
     model.train(was_training)
-    return CatalogueEmbeddings(torch.cat(images), torch.cat(products), text,
-                               {e: torch.cat(v) for e, v in region_rows.items()} if want_regions else None)
+    gathered_regions = {e: _gathered(torch.cat(v), counts, device) for e, v in region_rows.items()}
+    return CatalogueEmbeddings(_gathered(torch.cat(images), counts, device),
+                               torch.tensor(dataset.products, dtype=torch.long), text,
+                               gathered_regions if want_regions else None)
 
 
 def retrieval_metrics(emb_first: CatalogueEmbeddings, catalogue: ProductCatalogue, protocols=("product-full",),
@@ -86,10 +114,11 @@ def retrieval_metrics(emb_first: CatalogueEmbeddings, catalogue: ProductCatalogu
 
 
 def evaluate(model, catalogue: ProductCatalogue, transform, tokenizer, protocols=("product-full",),
-             batch_size: int = 128, seed: int = 0) -> dict[str, dict]:
-    """Retrieval on a validation catalogue under each named protocol."""
-    first = embed_catalogue(model, catalogue, transform, tokenizer, "first", batch_size)
-    every = embed_catalogue(model, catalogue, transform, tokenizer, "all", batch_size) \
+             batch_size: int = 128, seed: int = 0, distributed: bool = False) -> dict[str, dict]:
+    """Retrieval on a validation catalogue under each named protocol (``distributed``: the embedding
+    is sharded across torchrun ranks; every rank computes the same metrics)."""
+    first = embed_catalogue(model, catalogue, transform, tokenizer, "first", batch_size, distributed=distributed)
+    every = embed_catalogue(model, catalogue, transform, tokenizer, "all", batch_size, distributed=distributed) \
         if "image-full" in protocols else None
     return retrieval_metrics(first, catalogue, protocols, every, seed)
 

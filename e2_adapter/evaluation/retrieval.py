@@ -109,6 +109,79 @@ def _check_len(labels: Any, n: int, name: str, emb_name: str) -> None:
 # The chunked ranker
 # ---------------------------------------------------------------------------
 
+# Bytes of one query chunk's similarity block: queries per chunk shrink as the gallery grows, so peak
+# memory stays bounded (about 3x this plus the embeddings) whatever the catalogue size.
+SIMILARITY_BLOCK_BYTES = 64 * 2**20
+# Up to this many gallery items per label, a query's positives are looked up by index (product-full:
+# 1, image-full: the product's views); beyond it a [chunk, G] label mask is cheaper to build.
+_MAX_INDEXED_POSITIVES = 64
+
+
+def _rows_per_chunk(chunk_size: int, gallery: torch.Tensor) -> int:
+    per_query = gallery.shape[0] * gallery.element_size()
+    return max(1, min(chunk_size, SIMILARITY_BLOCK_BYTES // per_query))
+
+
+class _Positives:
+    """Each query's matching gallery items as a padded index matrix, built once per (query, gallery)."""
+
+    def __init__(self, q_ids: torch.Tensor, g_ids: torch.Tensor):
+        order = torch.argsort(g_ids, stable=True)
+        sorted_ids = g_ids[order]
+        self.lo = torch.searchsorted(sorted_ids, q_ids)
+        self.count = torch.searchsorted(sorted_ids, q_ids, right=True) - self.lo
+        self.width = int(self.count.max().item()) if len(q_ids) else 0
+        self.order = order
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([c, m] gallery indices, [c, m] valid) for queries start..stop."""
+        offsets = torch.arange(max(self.width, 1), device=self.lo.device)
+        valid = offsets[None, :] < self.count[start:stop, None]
+        flat = (self.lo[start:stop, None] + offsets[None, :]).clamp_(max=len(self.order) - 1)
+        return self.order[flat], valid
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row; an int32 sum runs about twice as fast as the default int64 one on CPU."""
+    return mask.sum(dim=1, dtype=torch.int32).long()
+
+
+def _ranks(q: torch.Tensor, g: torch.Tensor, q_ids: torch.Tensor, g_ids: torch.Tensor,
+           chunk_size: int) -> torch.Tensor:
+    """first_positive_rank on checked, normalised, same-device inputs."""
+    chunk = _rows_per_chunk(chunk_size, g)
+    indexed = _Positives(q_ids, g_ids)
+    use_index = indexed.width <= _MAX_INDEXED_POSITIVES
+    ranks = torch.empty(q.shape[0], dtype=torch.int64, device=q.device)
+    for start in range(0, q.shape[0], chunk):
+        stop = min(start + chunk, q.shape[0])
+        sims = q[start:stop] @ g.T  # [c, G]
+        if use_index:
+            index, valid = indexed.rows(start, stop)
+            pos_sims = sims.gather(1, index).masked_fill_(~valid, float("-inf"))
+            best_pos = pos_sims.amax(dim=1, keepdim=True)
+            # every item scoring >= the best positive, minus the positives among them (at least itself)
+            rank = _count(sims >= best_pos) - _count((pos_sims >= best_pos) & valid)
+            has_pos = valid.any(dim=1)
+        else:
+            is_pos = q_ids[start:stop, None] == g_ids[None, :]
+            best_pos = sims.masked_fill(~is_pos, float("-inf")).amax(dim=1, keepdim=True)
+            rank = _count((sims >= best_pos) & ~is_pos)
+            has_pos = is_pos.any(dim=1)
+        rank[~has_pos] = g.shape[0]
+        ranks[start:stop] = rank
+    return ranks
+
+
+def _prepare(query_emb: Any, gallery_emb: Any, query_labels: Any, gallery_labels: Any):
+    q = _as_embeddings(query_emb, "query_emb")
+    g = _as_embeddings(gallery_emb, "gallery_emb")
+    _check_pair(q, g, "query_emb", "gallery_emb")
+    _check_len(query_labels, q.shape[0], "query_labels", "query_emb")
+    _check_len(gallery_labels, g.shape[0], "gallery_labels", "gallery_emb")
+    q_ids, g_ids = _encode_labels(query_labels, gallery_labels)
+    return q, g.to(dtype=q.dtype, device=q.device), q_ids.to(q.device), g_ids.to(q.device)
+
 
 def first_positive_rank(
     query_emb: Any,
@@ -122,31 +195,13 @@ def first_positive_rank(
     The rank is the number of non-matching gallery items with similarity >=
     the best matching one (ties go against the query, see module docstring).
     A query with no matching gallery item gets rank G (never a hit).
-    Cosine similarity is computed ``chunk_size`` queries at a time, so peak
-    memory is O(chunk_size x G), never O(Q x G).
+    Cosine similarity is computed at most ``chunk_size`` queries at a time, and
+    fewer when a chunk's [c, G] block would exceed ``SIMILARITY_BLOCK_BYTES``,
+    so peak memory is bounded whatever Q and G, never O(Q x G).
     """
-    q = _as_embeddings(query_emb, "query_emb")
-    g = _as_embeddings(gallery_emb, "gallery_emb")
-    _check_pair(q, g, "query_emb", "gallery_emb")
-    _check_len(query_labels, q.shape[0], "query_labels", "query_emb")
-    _check_len(gallery_labels, g.shape[0], "gallery_labels", "gallery_emb")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    q_ids, g_ids = _encode_labels(query_labels, gallery_labels)
-    q_ids, g_ids = q_ids.to(q.device), g_ids.to(q.device)
-    g = g.to(dtype=q.dtype, device=q.device)
-
-    ranks = torch.empty(q.shape[0], dtype=torch.int64, device=q.device)
-    for start in range(0, q.shape[0], chunk_size):
-        stop = min(start + chunk_size, q.shape[0])
-        sims = q[start:stop] @ g.T  # [c, G]
-        is_pos = q_ids[start:stop, None] == g_ids[None, :]
-        best_pos = sims.masked_fill(~is_pos, float("-inf")).amax(dim=1, keepdim=True)
-        ahead = (sims >= best_pos) & ~is_pos
-        rank = ahead.sum(dim=1)
-        rank[~is_pos.any(dim=1)] = g.shape[0]
-        ranks[start:stop] = rank
-    return ranks
+    return _ranks(*_prepare(query_emb, gallery_emb, query_labels, gallery_labels), chunk_size)
 
 
 def _faiss_topk(query: torch.Tensor, gallery: torch.Tensor, k: int) -> torch.Tensor:
@@ -157,12 +212,24 @@ def _faiss_topk(query: torch.Tensor, gallery: torch.Tensor, k: int) -> torch.Ten
             "use_faiss=True needs the faiss library: `pip install faiss-cpu` "
             "(or `pip install e2-adapter[faiss]`)"
         ) from err
-    q = np.ascontiguousarray(query.detach().cpu().numpy().astype(np.float32))
-    g = np.ascontiguousarray(gallery.detach().cpu().numpy().astype(np.float32))
+    # float32 C-contiguous arrays are handed over without a copy
+    q = np.ascontiguousarray(query.detach().cpu().numpy(), dtype=np.float32)
+    g = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
     index = faiss.IndexFlatIP(g.shape[1])  # inner product on unit vectors = cosine
     index.add(g)
     _, idx = index.search(q, k)
     return torch.from_numpy(idx.astype(np.int64))
+
+
+def _hits(q: torch.Tensor, g: torch.Tensor, q_ids: torch.Tensor, g_ids: torch.Tensor, ks: tuple[int, ...],
+          chunk_size: int, use_faiss: bool) -> dict[int, torch.Tensor]:
+    """topk_hits on prepared inputs (see ``_prepare``)."""
+    if not use_faiss:
+        ranks = _ranks(q, g, q_ids, g_ids, chunk_size)
+        return {k: (ranks < k).cpu() for k in ks}
+    top = _faiss_topk(q, g, min(max(ks), g.shape[0]))  # [Q, k_max]
+    match = g_ids.cpu()[top] == q_ids.cpu()[:, None]
+    return {k: match[:, :k].any(dim=1) for k in ks}
 
 
 def topk_hits(
@@ -177,19 +244,9 @@ def topk_hits(
     """For each k in ``ks``: bool [Q], whether a gallery item with the query's
     label (e.g. product id) is among the query's top k by cosine similarity."""
     ks = _check_ks(ks)
-    if not use_faiss:
-        ranks = first_positive_rank(query_emb, gallery_emb, query_labels, gallery_labels, chunk_size)
-        return {k: (ranks < k).cpu() for k in ks}
-
-    q = _as_embeddings(query_emb, "query_emb")
-    g = _as_embeddings(gallery_emb, "gallery_emb")
-    _check_pair(q, g, "query_emb", "gallery_emb")
-    _check_len(query_labels, q.shape[0], "query_labels", "query_emb")
-    _check_len(gallery_labels, g.shape[0], "gallery_labels", "gallery_emb")
-    q_ids, g_ids = _encode_labels(query_labels, gallery_labels)
-    top = _faiss_topk(q, g, min(max(ks), g.shape[0]))  # [Q, k_max]
-    match = g_ids[top] == q_ids[:, None]
-    return {k: match[:, :k].any(dim=1) for k in ks}
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _hits(*_prepare(query_emb, gallery_emb, query_labels, gallery_labels), ks, chunk_size, use_faiss)
 
 
 # ---------------------------------------------------------------------------
@@ -227,9 +284,12 @@ def product_full(
     """product-full: row i of ``image_emb`` (the first image of product i) and
     row i of ``text_emb`` (its text) form the only matching pair; N x N ranking."""
     img, txt = _paired_per_product(image_emb, text_emb, "product_full")
-    ids = torch.arange(img.shape[0])
-    t2i = topk_hits(txt, img, ids, ids, DEFAULT_KS, chunk_size, use_faiss)
-    i2t = topk_hits(img, txt, ids, ids, DEFAULT_KS, chunk_size, use_faiss)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    txt = txt.to(dtype=img.dtype, device=img.device)
+    ids = torch.arange(img.shape[0], device=img.device)
+    t2i = _hits(txt, img, ids, ids, DEFAULT_KS, chunk_size, use_faiss)
+    i2t = _hits(img, txt, ids, ids, DEFAULT_KS, chunk_size, use_faiss)
     n = img.shape[0]
     return {**_metrics(t2i, i2t), "protocol": PRODUCT_FULL,
             "n_queries": 2 * n, "n_queries_t2i": n, "n_queries_i2t": n}
@@ -258,8 +318,12 @@ def image_full(
         if missing:
             examples = sorted(map(str, missing))[:5]
             raise ValueError(f"{len(missing)} product(s) have no {side}, e.g. {examples}")
-    t2i = topk_hits(txt, img, text_products, image_products, DEFAULT_KS, chunk_size, use_faiss)
-    i2t = topk_hits(img, txt, image_products, text_products, DEFAULT_KS, chunk_size, use_faiss)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    txt = txt.to(dtype=img.dtype, device=img.device)
+    txt_ids, img_ids = (ids.to(img.device) for ids in _encode_labels(text_products, image_products))
+    t2i = _hits(txt, img, txt_ids, img_ids, DEFAULT_KS, chunk_size, use_faiss)
+    i2t = _hits(img, txt, img_ids, txt_ids, DEFAULT_KS, chunk_size, use_faiss)
     return {**_metrics(t2i, i2t), "protocol": IMAGE_FULL,
             "n_queries": txt.shape[0] + img.shape[0],
             "n_queries_t2i": txt.shape[0], "n_queries_i2t": img.shape[0]}

@@ -29,8 +29,9 @@ from ..data.datasets import TrainViews, collate
 from ..evaluation.embed import evaluate
 from ..evaluation.report import save_json
 from ..io import save_adapter
-from ..losses import clip_loss, deduplicate, e2_loss
+from ..losses import clip_loss, clip_loss_share, e2_loss, e2_loss_share
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from .distributed import gather_rows, mean_over_ranks, plan_tag_texts, rank_and_world, row_counts
 from .config import TrainConfig
 
 
@@ -106,7 +107,13 @@ def set_trainable(model: nn.Module, stage: Stage, lora: bool) -> tuple[list[nn.P
 # --- the loss ----------------------------------------------------------------------------------
 
 class ContrastiveObjective(nn.Module):
-    """One module computing the whole loss, so DDP sees a single forward."""
+    """One module computing the whole loss, so DDP sees a single forward.
+
+    Under torchrun each rank gets its slice of the global batch; features, tag values and tag-text
+    embeddings are gathered (with gradients) so the losses see the whole global batch. Each rank
+    returns ``world x`` its share of the one-process loss: DDP's gradient averaging then gives exactly
+    the one-process gradient, and the mean of the ranks' values is the one-process loss.
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, tokenizer):
         super().__init__()
@@ -132,28 +139,42 @@ class ContrastiveObjective(nn.Module):
     def forward(self, images: torch.Tensor, texts: list[str], tags: dict[str, list[str]], text_frozen: bool):
         backend = self.backend
         device = images.device
+        rank, world = rank_and_world()
         with torch.no_grad() if text_frozen else nullcontext():
             text = backend.encode_text(self.tokenizer(texts).to(device))
         scale = backend.logit_scale
         if self.cfg.method == "clip-ft":
-            return {"loss": clip_loss(backend.encode_image(images), text, scale)}
+            image = backend.encode_image(images)
+            if world == 1:
+                return {"loss": clip_loss(image, text, scale)}
+            counts, rows = self.my_rows(image, rank)
+            return {"loss": world * clip_loss_share(gather_rows(image, counts), gather_rows(text, counts), rows, scale)}
         if self.cfg.method == "e2":
             out = encode_image_regions(self.model, images)
             image, regions = out.image, out.regions
         else:  # clip-ft-tags: the tag losses on CLIP's own global embedding, no selection tokens
             image = backend.encode_image(images)
             regions = {e: image for e in self.cfg.entities}
-        # One text-tower call for every distinct tag value of every entity in the batch.
-        uniques, ids = {}, {}
-        for e in regions:
-            uniques[e], ids[e] = deduplicate(tags[e])
-        flat = [v for e in regions for v in uniques[e]]
-        flat_emb = self.encode_tags(flat, text_frozen)
-        tag_text, start = {}, 0
-        for e in regions:
-            tag_text[e] = flat_emb[start:start + len(uniques[e])]
-            start += len(uniques[e])
-        return e2_loss(image, text, regions, ids, tag_text, scale, self.cfg.global_weight, self.cfg.region_weight)
+        # One text-tower call per rank for its share of the distinct tag values of the global batch.
+        plan = plan_tag_texts({e: tags[e] for e in regions})
+        mine = self.encode_tags(plan.mine, text_frozen) if plan.mine else text.new_zeros((0, text.shape[1]))
+        tag_text = plan.assemble(gather_rows(mine, plan.counts))
+        weights = (self.cfg.global_weight, self.cfg.region_weight)
+        if world == 1:
+            return e2_loss(image, text, regions, plan.ids, tag_text, scale, *weights)
+        counts, rows = self.my_rows(image, rank)
+        gathered: dict[int, torch.Tensor] = {}  # clip-ft-tags uses one tensor for every entity: gather it once
+        def everyone(x):
+            return gathered.setdefault(id(x), gather_rows(x, counts))
+        parts = e2_loss_share(everyone(image), everyone(text), {e: everyone(r) for e, r in regions.items()},
+                              plan.ids, tag_text, rows, scale, *weights)
+        return {k: world * v for k, v in parts.items()}
+
+    @staticmethod
+    def my_rows(local: torch.Tensor, rank: int) -> tuple[list[int], slice]:
+        counts = row_counts(local.shape[0], local.device)
+        start = sum(counts[:rank])
+        return counts, slice(start, start + counts[rank])
 
 
 # --- data order ---------------------------------------------------------------------------------
@@ -161,7 +182,8 @@ class ContrastiveObjective(nn.Module):
 def epoch_batches(num_products: int, catalogue: ProductCatalogue, batch_size: int, seed: int, epoch: int,
                   rank: int = 0, world: int = 1) -> list[list[tuple[int, int]]]:
     """The (product, view) pairs of every batch of an epoch, a pure function of (seed, epoch), so a
-    resumed run and an uninterrupted one see identical data. Each rank takes its share of a batch."""
+    resumed run and an uninterrupted one see identical data. ``batch_size`` is the global batch for
+    every world size: each rank takes every world-th pair of it, and the losses gather the whole batch."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_products, generator=g).tolist()
     views = torch.rand(num_products, generator=g).tolist()
@@ -202,6 +224,9 @@ class Trainer:
         if missing:
             raise ValueError(f"entities {missing} are not tags of the training data (it has {train.entities}); "
                              "pass --entities with a subset of those")
+        if cfg.batch_size < self.world:
+            raise ValueError(f"--batch-size is the global batch, split across the {self.world} processes; "
+                             f"{cfg.batch_size} leaves some with no rows: use at least {self.world}")
         if len(train) < cfg.batch_size:
             raise ValueError(f"the training data has {len(train)} products, fewer than one batch of "
                              f"{cfg.batch_size}; lower --batch-size")
@@ -275,10 +300,11 @@ class Trainer:
                 self.anneal_tau()
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     parts = objective(batch["image"].to(self.device), batch["text"], batch["tags"], text_frozen)
-                loss = parts["loss"]
-                if not torch.isfinite(loss):
+                loss = parts["loss"]  # this rank's part; backward through it gives the global batch's gradient
+                parts = mean_over_ranks(parts)  # the global batch's loss, the same on every rank
+                if not torch.isfinite(parts["loss"]):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.state.step} ({stage.name}); the last good "
+                        f"loss became {parts['loss'].item()} at step {self.state.step} ({stage.name}); the last good "
                         f"checkpoint is {self.out / 'checkpoint_last.pt'}. Lower the learning rate or use --amp bf16.")
                 self.scaler.scale(loss / self.cfg.grad_accum).backward()
                 micro += 1
