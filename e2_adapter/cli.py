@@ -22,26 +22,8 @@ from .training.config import TrainConfig
 
 # --- data and models from flags ------------------------------------------------------------------
 
-def add_model_flags(p, default_model: str = "small") -> None:
-    """--family/--model/--pretrained/--image-size on a parser or argument group (shared by the
-    integrations' and benchmarks' command lines)."""
-    p.add_argument("--family", default="open_clip", choices=("open_clip", "openai", "hf"))
-    p.add_argument("--model", default=default_model, help="a tiny config (tiny, small) or the family's model name")
-    p.add_argument("--pretrained", default=None,
-                   help="none, the family's tag (e.g. openai), or a .pt state dict saved by this project")
-    p.add_argument("--image-size", type=int, default=None, help="input size for tiny configs")
-
-
-def load_bundle(args, device="cpu"):
-    from .zoo import create_clip
-    pretrained = args.pretrained
-    state_path = Path(pretrained) if pretrained and pretrained.endswith(".pt") else None
-    bundle = create_clip(args.family, args.model, None if state_path else pretrained, args.image_size, device)
-    if state_path is not None:
-        if not state_path.is_file():
-            raise SystemExit(f"--pretrained {state_path}: no such file")
-        bundle.model.load_state_dict(torch.load(state_path, map_location=device))
-    return bundle
+# add_model_flags / load_encoder live in the library (e2_adapter.loading), shared by every command line.
+from .loading import add_encoder_flags, add_model_flags, load_encoder  # noqa: E402,F401
 
 
 def add_data_flags(p: argparse.ArgumentParser, *names: str) -> None:
@@ -106,7 +88,7 @@ def cmd_train(args) -> None:
     from .training.trainer import Trainer
     cfg = train_config_from(args)
     init_distributed()
-    bundle = load_bundle(args)
+    bundle = load_encoder(args)
     train = open_catalogue(args, args.train, cfg.entities, "train")
     val = open_catalogue(args, args.val, cfg.entities, "test") if args.val else None
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg, args.out, bundle.family)
@@ -118,16 +100,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluation.embed import evaluate, linear_probe_entities
     from .evaluation.report import results_to_markdown, save_json
-    from .io import load_adapter
-    bundle = load_bundle(args)
+    bundle = load_encoder(args)
     model = bundle.model
-    if args.checkpoint:  # a trainer's best/ folder: full weights (+ adapter config)
-        ckpt = Path(args.checkpoint)
-        if (ckpt / "adapter").is_dir():
-            load_adapter(model, ckpt / "adapter")
-        model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
-    elif args.adapter:
-        load_adapter(model, args.adapter)
     entities = tuple(args.entities) if args.entities else None
     data = open_catalogue(args, args.data, entities or ("brand", "season", "subcategory", "composition"), "test")
     results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed)
