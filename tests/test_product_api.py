@@ -171,3 +171,151 @@ def test_every_command_line_loads_a_checkpoint_through_load_encoder(tmp_path, on
     assert same(cir_load(args).model)
     encoder, _, _, name = encoder_from_spec({"checkpoint": str(tmp_path / "m")})
     assert same(encoder) and name == str(tmp_path / "m")
+
+
+# --- models that know a small catalogue by construction ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    from e2_adapter.data import FashionGenH5, write_fashionsynth
+    train, val = write_fashionsynth(tmp_path_factory.mktemp("synth"), products=12, val_products=12, seed=0,
+                                    image_size=32, views=(1, 2))
+    return FashionGenH5(val)
+
+
+def _solve_into(weight: torch.Tensor, features: torch.Tensor, targets: torch.Tensor) -> None:
+    """Set a [out, in] projection so that ``features @ weight.T == targets`` (exact: fewer rows than columns)."""
+    with torch.no_grad():
+        weight.copy_(torch.linalg.lstsq(features, targets).solution.T)
+
+
+def _first_views(catalogue):
+    from e2_adapter.product.images import CatalogueImages
+    return CatalogueImages(catalogue)
+
+
+@pytest.fixture(scope="module")
+def tagger(catalogue):
+    """A wrapped tiny CLIP that knows the catalogue by construction (width 64 > 12 products, so each
+    least-squares projection below fits exactly): its text projection maps each product's caption onto
+    the global embedding of the product's first view, then its brand and season heads map each first
+    view onto the (new) text embedding of the bare tag value."""
+    from e2_adapter.product.classify import embed_images
+    from e2_adapter.product.vocab import TAG_TEMPLATES, label_embeddings
+    bundle = create_clip("open_clip", "tiny", seed=0)
+    e2_adapter.wrap(bundle.model, entities=("brand", "season"))
+    model = bundle.model.eval()
+    image = embed_images(model, _first_views(catalogue), bundle.preprocess)
+    with torch.no_grad():
+        model.text_projection.copy_(torch.eye(64))  # encode_text = the pooled text features
+        pooled = model.encode_text(bundle.tokenizer(catalogue.texts()))
+        model.text_projection.copy_(torch.linalg.lstsq(pooled, image).solution)
+    heads = e2_adapter.get_adapter(model).heads
+    tags = catalogue.all_tags()
+    for entity in ("brand", "season"):
+        with torch.no_grad():
+            heads.projs[entity].weight.copy_(torch.eye(64))  # region output = the head's normed features
+            features = encode_regions_unnormalised(bundle, catalogue)[entity]
+        targets = label_embeddings(model, bundle.tokenizer, tags[entity], TAG_TEMPLATES)
+        _solve_into(heads.projs[entity].weight, features, targets)
+    return bundle
+
+
+def encode_regions_unnormalised(bundle, catalogue):
+    from e2_adapter.product.images import pixel_batches
+    pixels = next(pixel_batches(_first_views(catalogue), bundle.preprocess, batch_size=len(catalogue)))
+    bundle.model.eval()
+    return e2_adapter.encode_image_regions(bundle.model, pixels).regions
+
+
+def test_tag_reads_each_entity_from_its_own_region_head(tagger, catalogue, tmp_path, one_thread):
+    from e2_adapter.product import tagging_accuracy, vocabulary_from_catalogue, write_tags
+    vocab = vocabulary_from_catalogue(catalogue, ("brand", "season"))
+    rows = e2_adapter.tag(tagger, _first_views(catalogue), vocab, top_k=2)
+    truth = catalogue.all_tags()
+    assert [r["brand"][0].label for r in rows] == truth["brand"]
+    assert [r["season"][0].label for r in rows] == truth["season"]
+    assert all(r["brand"][0].score > 0.99 and r["brand"][0].probability > r["brand"][1].probability for r in rows)
+
+    result = tagging_accuracy(tagger, catalogue)
+    assert result["region tagging"] == {"brand": 100.0, "season": 100.0}
+    assert result["global zero-shot"]["brand"] < 100.0  # the global embedding was not fitted
+    assert result["chance"]["brand"] == 100.0 / len(vocab["brand"])
+
+    ids = catalogue.product_ids()
+    write_tags(rows, ids, tmp_path / "tags.csv")
+    lines = (tmp_path / "tags.csv").read_text().splitlines()
+    assert lines[0] == "id,brand,brand_score,season,season_score"
+    assert lines[1].startswith(f"{ids[0]},{truth['brand'][0]},")
+    write_tags(rows, ids, tmp_path / "tags.jsonl")
+    first = json.loads((tmp_path / "tags.jsonl").read_text().splitlines()[0])
+    assert first["id"] == ids[0] and [p["label"] for p in first["tags"]["season"]][0] == truth["season"][0]
+    assert len(first["tags"]["season"]) == 2
+
+    with pytest.raises(ValueError, match="no region head"):
+        e2_adapter.tag(tagger, _first_views(catalogue), {"composition": ["100% silk"]})
+    with pytest.raises(ValueError, match="region heads"):
+        e2_adapter.tag(create_clip("open_clip", "tiny"), _first_views(catalogue), {"brand": ["x"]})
+
+
+def test_classify_scores_are_cosines_of_normalised_embeddings_over_templates(catalogue, one_thread):
+    import torch.nn.functional as F
+    bundle = _perturbed("hf", wrapped=False)
+    labels = ["Ostra", "Vetrano", "Hollis Kade"]
+    templates = ["a product by {}.", "{} logo"]
+    pixels = torch.rand(4, 3, 32, 32) * 5  # large pixel values: a large image norm
+    rows = e2_adapter.classify(bundle, pixels, {"brand": labels}, templates={"brand": templates}, top_k=3)
+    backend = e2_adapter.get_backend(bundle.model)
+    with torch.no_grad():
+        image = backend.encode_image(pixels)
+        text = torch.stack([F.normalize(backend.encode_text(bundle.tokenizer([t.format(x) for t in templates])),
+                                        dim=-1).mean(0) for x in labels])
+    cos = F.cosine_similarity(image[:, None], text[None], dim=-1)
+    for i, row in enumerate(rows):
+        assert [p.label for p in row["brand"]] == [labels[j] for j in cos[i].argsort(descending=True)]
+        assert row["brand"][0].score == pytest.approx(float(cos[i].max()), abs=1e-5)
+        assert sum(p.probability for p in row["brand"]) == pytest.approx(1.0, abs=1e-5)  # top_k = all labels
+    one = e2_adapter.classify(bundle, pixels, {"brand": labels}, top_k=1)
+    assert all(len(r["brand"]) == 1 for r in one)
+    with pytest.raises(ValueError, match="must each contain"):
+        e2_adapter.classify(bundle, pixels, {"brand": labels}, templates=["no slot"])
+    with pytest.raises(ValueError, match="more than once"):
+        e2_adapter.classify(bundle, pixels, {"brand": ["a", "a"]})
+
+
+# --- 4. index and search ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("faiss_kind, fmt", [(None, "npy"), ("exact", "safetensors"), ("hnsw", "npy"),
+                                             ("ivf", "safetensors")])
+def test_index_finds_each_product_from_its_own_caption(tagger, catalogue, tmp_path, faiss_kind, fmt, one_thread):
+    if faiss_kind:
+        pytest.importorskip("faiss")
+    index = e2_adapter.build_index(tagger, catalogue, tmp_path / "ix", faiss=faiss_kind, embeddings_format=fmt,
+                                   progress=False)
+    assert len(index) == len(catalogue) and (tmp_path / "ix" / f"embeddings.{fmt}").is_file()
+    index = e2_adapter.CatalogueIndex.load(tmp_path / "ix")
+    assert (index.faiss_index is not None) == bool(faiss_kind)
+    ids, texts, tags = catalogue.product_ids(), catalogue.texts(), catalogue.all_tags()
+    for p in range(len(catalogue)):
+        hits = index.search_text(tagger, texts[p], k=3)
+        assert hits[0].product_id == ids[p] and hits[0].score > 0.99, (p, hits)
+        assert hits[0].predicted["brand"]["label"] == tags["brand"][p]  # tagged by the region heads
+    hits = index.search_image(tagger, _first_views(catalogue)[4], k=1)
+    assert hits[0].product_id == ids[4] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_search_filters_on_predicted_tags(tagger, catalogue, tmp_path, one_thread):
+    index = e2_adapter.build_index(tagger, catalogue, tmp_path, progress=False)
+    tags, ids = catalogue.all_tags(), catalogue.product_ids()
+    brand = tags["brand"][0]
+    others = [p for p in range(len(catalogue)) if tags["brand"][p] != brand]
+    hits = index.search_text(tagger, catalogue.texts()[others[0]], k=20, filters={"brand": brand})
+    assert hits and all(h.predicted["brand"]["label"] == brand for h in hits)
+    assert {h.product_id for h in hits} == {ids[p] for p in range(len(catalogue)) if tags["brand"][p] == brand}
+    assert index.search_text(tagger, "x", filters={"brand": "no such brand"}) == []
+    with pytest.raises(ValueError, match="no such tag"):
+        index.search_text(tagger, "x", filters={"colour": "red"})
+    with pytest.raises(ValueError, match="search with the model that built the index"):
+        index.search(torch.ones(3))
+    with pytest.raises(FileNotFoundError, match="not a catalogue index"):
+        e2_adapter.CatalogueIndex.load(tmp_path / "nothing")
