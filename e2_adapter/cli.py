@@ -115,6 +115,71 @@ def cmd_eval(args) -> None:
         save_json(args.json, results)
 
 
+def cmd_classify(args) -> None:
+    from .product.commands import run_classify
+    run_classify(args, open_catalogue)
+
+
+def cmd_tag(args) -> None:
+    from .product.commands import run_tag
+    run_tag(args, open_catalogue)
+
+
+def cmd_index(args) -> None:
+    from .config import DEFAULT_ENTITIES
+    from .product.commands import run_index
+    run_index(args, open_catalogue(args, args.data, tuple(args.entities or DEFAULT_ENTITIES), "test"))
+
+
+def cmd_search(args) -> None:
+    from .product.commands import run_search
+    run_search(args)
+
+
+def add_product_parsers(sub) -> None:
+    """classify / tag / index / search: flags only; the work is in e2_adapter.product."""
+    from .product.commands import add_vocab_flags
+
+    def labelled(name, help_text, out_help):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("images_in", nargs="*", metavar="IMAGE", help="image files or folders")
+        add_encoder_flags(p)
+        add_data_flags(p)
+        p.add_argument("--data", help="label the first view of every product of this catalogue instead")
+        add_vocab_flags(p)
+        p.add_argument("--top-k", type=int, default=3 if name == "classify" else 1)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--out", required=name == "tag", help=out_help)
+        return p
+
+    p = labelled("classify", "zero-shot labels per entity from the global embedding (JSONL)", "JSONL file (default: stdout)")
+    p.add_argument("--templates", help="JSON {entity: [prompt with {}, ...]} (default: built-in per-entity prompts)")
+    p.set_defaults(func=cmd_classify)
+    p = labelled("tag", "tags per entity from E2's region heads (CSV or JSONL)", "tags.csv or tags.jsonl")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("index", help="embed a catalogue into a searchable folder")
+    add_encoder_flags(p)
+    add_data_flags(p, "data")
+    add_vocab_flags(p)
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--faiss", choices=("exact", "ivf", "hnsw"), help="also write a faiss index (pip install faiss-cpu)")
+    p.add_argument("--embeddings", default="safetensors", choices=("safetensors", "npy"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index by text or by image")
+    p.add_argument("index", help="folder written by `e2-adapter index`")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="an image file: image-to-image search")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--filter", action="append", metavar="ENTITY=VALUE", help="keep products with this predicted tag")
+    p.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    p.add_argument("--device", default="cpu")
+    add_encoder_flags(p, defaults=False)  # unset: the encoder recorded in the index
+    p.set_defaults(func=cmd_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2-adapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda a: __import__("e2_adapter.demo", fromlist=["run"]).run(a))
+
+    add_product_parsers(sub)
 
     for name, module in (("caption", "integrations.captioning.cli"), ("cir", "integrations.cir.cli")):
         p = sub.add_parser(name, help=f"{name} integration (see `e2-adapter {name} -h`)", add_help=False)

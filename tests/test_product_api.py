@@ -319,3 +319,36 @@ def test_search_filters_on_predicted_tags(tagger, catalogue, tmp_path, one_threa
         index.search(torch.ones(3))
     with pytest.raises(FileNotFoundError, match="not a catalogue index"):
         e2_adapter.CatalogueIndex.load(tmp_path / "nothing")
+
+
+def test_command_lines_tag_index_search_and_classify(tagger, catalogue, tmp_path, capsys, one_thread):
+    from e2_adapter.cli import main
+    e2_adapter.save_pretrained(tagger.model, tmp_path / "model")
+    ckpt, data = str(tmp_path / "model"), str(catalogue.path)
+    ids, texts, tags = catalogue.product_ids(), catalogue.texts(), catalogue.all_tags()
+
+    main(["tag", "--checkpoint", ckpt, "--data", data, "--vocab-from", data, "--entities", "brand", "season",
+          "--out", str(tmp_path / "tags.csv")])
+    rows = (tmp_path / "tags.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == tags["brand"]
+
+    main(["index", "--checkpoint", ckpt, "--data", data, "--out", str(tmp_path / "ix"), "--faiss", "exact"])
+    capsys.readouterr()
+    main(["search", str(tmp_path / "ix"), texts[5], "--k", "2", "--json"])  # the encoder recorded in the index
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert hits[0]["product_id"] == ids[5] and len(hits) == 2
+    main(["search", str(tmp_path / "ix"), texts[5], "--json", "--filter", f"season={tags['season'][5]}"])
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert hits[0]["product_id"] == ids[5] and {h["predicted"]["season"]["label"] for h in hits} == {tags["season"][5]}
+    catalogue.load_image(7).save(tmp_path / "query.png")
+    main(["search", str(tmp_path / "ix"), "--image", str(tmp_path / "query.png"), "--k", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["product_id"] == ids[7]
+
+    main(["classify", str(tmp_path / "query.png"), "--checkpoint", ckpt, "--labels", "brand=Ostra,Vetrano",
+          "--labels", "season=FW2017,SS2018,FW2018", "--top-k", "2"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["id"].endswith("query.png") and [len(row["labels"][e]) for e in ("brand", "season")] == [2, 2]
+    with pytest.raises(SystemExit, match="classify needs labels"):
+        main(["classify", str(tmp_path / "query.png"), "--checkpoint", ckpt])
+    with pytest.raises(SystemExit, match="a text query or --image"):
+        main(["search", str(tmp_path / "ix")])
