@@ -136,8 +136,14 @@ def cmd_search(args) -> None:
     run_search(args)
 
 
+def cmd_export(args) -> None:
+    from .export import export_onnx
+    out = export_onnx(load_encoder(args), args.out)
+    print(f"wrote {out / 'image_encoder.onnx'}, {out / 'text_encoder.onnx'} and {out / 'export.json'}")
+
+
 def add_product_parsers(sub) -> None:
-    """classify / tag / index / search: flags only; the work is in e2_adapter.product."""
+    """classify / tag / index / search / export: flags only; the work is in e2_adapter.product and .export."""
     from .product.commands import add_vocab_flags
 
     def labelled(name, help_text, out_help):
@@ -178,6 +184,11 @@ def add_product_parsers(sub) -> None:
     p.add_argument("--device", default="cpu")
     add_encoder_flags(p, defaults=False)  # unset: the encoder recorded in the index
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="ONNX export of the image and text encoders (dynamic batch)")
+    add_encoder_flags(p)
+    p.add_argument("--out", required=True, help="folder for image_encoder.onnx, text_encoder.onnx, export.json")
+    p.set_defaults(func=cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -352,3 +352,45 @@ def test_command_lines_tag_index_search_and_classify(tagger, catalogue, tmp_path
         main(["classify", str(tmp_path / "query.png"), "--checkpoint", ckpt])
     with pytest.raises(SystemExit, match="a text query or --image"):
         main(["search", str(tmp_path / "ix")])
+
+
+# --- 5. ONNX export -------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family", ["open_clip"] + [pytest.param(f, marks=pytest.mark.slow) for f in ("openai", "hf")])
+def test_onnx_export_matches_pytorch_at_any_batch_size(family, tmp_path, one_thread):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from e2_adapter.export import export_onnx
+    bundle = _perturbed(family)
+    export_onnx(bundle, tmp_path)  # traced at batch 2
+    meta = json.loads((tmp_path / "export.json").read_text())
+    assert meta["image"]["outputs"] == ["image", "regions", "selections"] and meta["image"]["entities"] == ["brand", "season"]
+    image_session = ort.InferenceSession(str(tmp_path / "image_encoder.onnx"))
+    text_session = ort.InferenceSession(str(tmp_path / "text_encoder.onnx"))
+    model = bundle.model.eval()
+    for batch in (1, 5):
+        pixels = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        image, regions, selections = image_session.run(None, {"pixels": pixels.numpy()})
+        with torch.no_grad():
+            ref = e2_adapter.encode_image_regions(model, pixels)
+        assert abs(image - ref.image.numpy()).max() <= 1e-4
+        assert abs(regions[:, 0] - ref.regions["brand"].numpy()).max() <= 1e-4
+        assert abs(regions[:, 1] - ref.regions["season"].numpy()).max() <= 1e-4
+        assert (selections == ref.selections.numpy()).all()
+        tokens = bundle.tokenizer(["FW2017", "a long navy silk coat with welt pockets", "Ostra"][:batch + 1])
+        (text,) = text_session.run(None, {"tokens": tokens.numpy()})
+        with torch.no_grad():
+            assert abs(text - e2_adapter.get_backend(model).encode_text(tokens).numpy()).max() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_export_command_writes_both_graphs_from_a_checkpoint(tmp_path, one_thread):
+    pytest.importorskip("onnx")
+    from e2_adapter.cli import main
+    bundle = _perturbed("open_clip", wrapped=False)
+    e2_adapter.save_pretrained(bundle.model, tmp_path / "m")
+    main(["export", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "onnx")])
+    meta = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert meta["image"]["outputs"] == ["image"] and meta["text"]["shape"] == ["batch", 32]
+    assert (tmp_path / "onnx" / "image_encoder.onnx").stat().st_size > 10_000
