@@ -13,9 +13,6 @@ import json
 import sys
 import typing
 from dataclasses import MISSING, fields
-from pathlib import Path
-
-import torch
 
 from .training.config import TrainConfig
 
