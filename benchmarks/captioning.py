@@ -13,9 +13,9 @@ captions naming the product's brand / sub-category / composition / season), mean
     python benchmarks/captioning.py --encoder A=base --synth 300 --quick    # a CPU smoke run
 
 An encoder is NAME=SPEC, SPEC relative to the base model flags: ``base``, ``module:function`` (a
-factory returning a ClipBundle or (model, tokenizer, preprocess)), a trainer's best/ folder
-(model.pt [+ adapter/]), an E2 adapter folder, or a ``.pt`` state dict. From Python, call
-``run_benchmark`` with bundles or zero-argument factories.
+factory returning a ClipBundle or (model, tokenizer, preprocess)), a save_pretrained folder (a
+trainer's best/; an older one with model.pt [+ adapter/] too), an E2 adapter folder, or a ``.pt``
+state dict. From Python, call ``run_benchmark`` with bundles or zero-argument factories.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from e2_adapter.cli import add_model_flags
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
 from integrations.captioning import (WordTokenizer, caption_metrics, embed_images, embed_texts, entity_accuracy,
                                      load_corpus)
-from integrations.captioning.cli import load_encoder, spec_from_string
+from integrations.captioning.cli import encoder_from_spec, spec_from_string
 from integrations.decap import DeCap, DeCapConfig, train_decap
 
 COLUMNS = [("BLEU@1", "captions"), ("BLEU@4", "captions"), ("METEOR", "captions"), ("ROUGE-L", "captions"),
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _named_bundle(spec: dict, device: str):
     from types import SimpleNamespace
-    encoder, tokenizer, preprocess, _ = load_encoder(spec, device)
+    encoder, tokenizer, preprocess, _ = encoder_from_spec(spec, device)
     size = getattr(getattr(encoder, "visual", None), "image_size", None)
     size = size[0] if isinstance(size, (tuple, list)) else size
     return SimpleNamespace(model=encoder, tokenizer=tokenizer, preprocess=preprocess, image_size=size)

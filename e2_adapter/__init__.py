@@ -7,6 +7,9 @@
 from .backends import UnsupportedModelError
 from .config import DEFAULT_ENTITIES, PRESETS, E2Config
 from .io import AdapterMismatchError, load_adapter, save_adapter
+from .loading import load_encoder
+from .pretrained import from_pretrained, save_pretrained
+from .product import CatalogueIndex, build_index, classify, tag
 from .tower import E2Output
 from .wrap import (NotWrappedError, count_parameters, encode_image_regions, get_adapter, get_backend, is_wrapped,
                    mark_only_adapter_trainable, print_trainable_parameters, unwrap, wrap)
@@ -16,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "wrap", "unwrap", "is_wrapped", "E2Config", "E2Output", "encode_image_regions", "save_adapter", "load_adapter",
     "mark_only_adapter_trainable", "print_trainable_parameters", "count_parameters", "get_adapter", "get_backend",
-    "DEFAULT_ENTITIES", "PRESETS", "UnsupportedModelError", "AdapterMismatchError", "NotWrappedError",
+    "save_pretrained", "from_pretrained", "load_encoder", "classify", "tag", "build_index", "CatalogueIndex", "DEFAULT_ENTITIES", "PRESETS", "UnsupportedModelError", "AdapterMismatchError", "NotWrappedError",
 ]

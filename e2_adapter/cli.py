@@ -13,35 +13,14 @@ import json
 import sys
 import typing
 from dataclasses import MISSING, fields
-from pathlib import Path
-
-import torch
 
 from .training.config import TrainConfig
 
 
 # --- data and models from flags ------------------------------------------------------------------
 
-def add_model_flags(p, default_model: str = "small") -> None:
-    """--family/--model/--pretrained/--image-size on a parser or argument group (shared by the
-    integrations' and benchmarks' command lines)."""
-    p.add_argument("--family", default="open_clip", choices=("open_clip", "openai", "hf"))
-    p.add_argument("--model", default=default_model, help="a tiny config (tiny, small) or the family's model name")
-    p.add_argument("--pretrained", default=None,
-                   help="none, the family's tag (e.g. openai), or a .pt state dict saved by this project")
-    p.add_argument("--image-size", type=int, default=None, help="input size for tiny configs")
-
-
-def load_bundle(args, device="cpu"):
-    from .zoo import create_clip
-    pretrained = args.pretrained
-    state_path = Path(pretrained) if pretrained and pretrained.endswith(".pt") else None
-    bundle = create_clip(args.family, args.model, None if state_path else pretrained, args.image_size, device)
-    if state_path is not None:
-        if not state_path.is_file():
-            raise SystemExit(f"--pretrained {state_path}: no such file")
-        bundle.model.load_state_dict(torch.load(state_path, map_location=device))
-    return bundle
+# add_model_flags / load_encoder live in the library (e2_adapter.loading), shared by every command line.
+from .loading import add_encoder_flags, add_model_flags, load_encoder  # noqa: E402,F401
 
 
 def add_data_flags(p: argparse.ArgumentParser, *names: str) -> None:
@@ -106,7 +85,7 @@ def cmd_train(args) -> None:
     from .training.trainer import Trainer
     cfg = train_config_from(args)
     init_distributed()
-    bundle = load_bundle(args)
+    bundle = load_encoder(args)
     train = open_catalogue(args, args.train, cfg.entities, "train")
     val = open_catalogue(args, args.val, cfg.entities, "test") if args.val else None
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg, args.out, bundle.family)
@@ -118,16 +97,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluation.embed import evaluate, linear_probe_entities
     from .evaluation.report import results_to_markdown, save_json
-    from .io import load_adapter
-    bundle = load_bundle(args)
+    bundle = load_encoder(args)
     model = bundle.model
-    if args.checkpoint:  # a trainer's best/ folder: full weights (+ adapter config)
-        ckpt = Path(args.checkpoint)
-        if (ckpt / "adapter").is_dir():
-            load_adapter(model, ckpt / "adapter")
-        model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
-    elif args.adapter:
-        load_adapter(model, args.adapter)
     entities = tuple(args.entities) if args.entities else None
     data = open_catalogue(args, args.data, entities or ("brand", "season", "subcategory", "composition"), "test")
     results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed)
@@ -139,6 +110,82 @@ def cmd_eval(args) -> None:
         print(results_to_markdown({"accuracy": results["linear-probe"]}, name_header="linear probe"))
     if args.json:
         save_json(args.json, results)
+
+
+def cmd_classify(args) -> None:
+    from .product.commands import run_classify
+    run_classify(args, open_catalogue)
+
+
+def cmd_tag(args) -> None:
+    from .product.commands import run_tag
+    run_tag(args, open_catalogue)
+
+
+def cmd_index(args) -> None:
+    from .config import DEFAULT_ENTITIES
+    from .product.commands import run_index
+    run_index(args, open_catalogue(args, args.data, tuple(args.entities or DEFAULT_ENTITIES), "test"))
+
+
+def cmd_search(args) -> None:
+    from .product.commands import run_search
+    run_search(args)
+
+
+def cmd_export(args) -> None:
+    from .export import export_onnx
+    out = export_onnx(load_encoder(args), args.out)
+    print(f"wrote {out / 'image_encoder.onnx'}, {out / 'text_encoder.onnx'} and {out / 'export.json'}")
+
+
+def add_product_parsers(sub) -> None:
+    """classify / tag / index / search / export: flags only; the work is in e2_adapter.product and .export."""
+    from .product.commands import add_vocab_flags
+
+    def labelled(name, help_text, out_help):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("images_in", nargs="*", metavar="IMAGE", help="image files or folders")
+        add_encoder_flags(p)
+        add_data_flags(p)
+        p.add_argument("--data", help="label the first view of every product of this catalogue instead")
+        add_vocab_flags(p)
+        p.add_argument("--top-k", type=int, default=3 if name == "classify" else 1)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--out", required=name == "tag", help=out_help)
+        return p
+
+    p = labelled("classify", "zero-shot labels per entity from the global embedding (JSONL)", "JSONL file (default: stdout)")
+    p.add_argument("--templates", help="JSON {entity: [prompt with {}, ...]} (default: built-in per-entity prompts)")
+    p.set_defaults(func=cmd_classify)
+    p = labelled("tag", "tags per entity from E2's region heads (CSV or JSONL)", "tags.csv or tags.jsonl")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("index", help="embed a catalogue into a searchable folder")
+    add_encoder_flags(p)
+    add_data_flags(p, "data")
+    add_vocab_flags(p)
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--faiss", choices=("exact", "ivf", "hnsw"), help="also write a faiss index (pip install faiss-cpu)")
+    p.add_argument("--embeddings", default="safetensors", choices=("safetensors", "npy"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index by text or by image")
+    p.add_argument("index", help="folder written by `e2-adapter index`")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="an image file: image-to-image search")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--filter", action="append", metavar="ENTITY=VALUE", help="keep products with this predicted tag")
+    p.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    p.add_argument("--device", default="cpu")
+    add_encoder_flags(p, defaults=False)  # unset: the encoder recorded in the index
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="ONNX export of the image and text encoders (dynamic batch)")
+    add_encoder_flags(p)
+    p.add_argument("--out", required=True, help="folder for image_encoder.onnx, text_encoder.onnx, export.json")
+    p.set_defaults(func=cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda a: __import__("e2_adapter.demo", fromlist=["run"]).run(a))
+
+    add_product_parsers(sub)
 
     for name, module in (("caption", "integrations.captioning.cli"), ("cir", "integrations.cir.cli")):
         p = sub.add_parser(name, help=f"{name} integration (see `e2-adapter {name} -h`)", add_help=False)

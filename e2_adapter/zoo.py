@@ -36,6 +36,27 @@ class ClipBundle:
     family: str
     image_size: int
 
+    @property
+    def source(self) -> dict | None:
+        """How this model was built (family, model, pretrained, image size, tokenizer): see ``source_of``."""
+        return source_of(self.model)
+
+
+# Where a model came from, recorded on the model object itself so that whoever saves it later (the
+# trainer, save_pretrained) can name its base without being told. A plain attribute: not in the state dict.
+SOURCE_ATTR = "_e2_source"
+
+
+def remember_source(model: nn.Module, source: dict) -> nn.Module:
+    object.__setattr__(model, SOURCE_ATTR, dict(source))
+    return model
+
+
+def source_of(model: nn.Module) -> dict | None:
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    found = getattr(inner, SOURCE_ATTR, None)
+    return dict(found) if found is not None else None
+
 
 def tiny_config(name: str, image_size: int | None = None) -> dict:
     if name not in TINY_CONFIGS:
@@ -114,12 +135,17 @@ def create_clip(family: str = "open_clip", model_name: str = "tiny", pretrained:
     if model_name in TINY_CONFIGS:
         if pretrained not in (None, "", "none"):
             raise ValueError(f"tiny config {model_name!r} has no pretrained weights; use --pretrained none "
-                             "or a path saved by `e2-adapter pretrain`")
+                             "or load a folder written by e2_adapter.save_pretrained with --checkpoint")
         cfg = tiny_config(model_name, image_size)
         model = _TINY_BUILDERS[family](cfg).to(device)
+        remember_source(model, dict(family=family, model=model_name, pretrained=None, image_size=cfg["image_size"],
+                                    tokenizer={"kind": "clip_bpe", "context_length": cfg["context_length"]}))
         return ClipBundle(model, bpe_tokenizer(cfg["context_length"]), clip_transform(cfg["image_size"]),
                           family, cfg["image_size"])
-    return _create_pretrained(family, model_name, pretrained, device)
+    bundle = _create_pretrained(family, model_name, pretrained, device)
+    remember_source(bundle.model, dict(family=family, model=model_name, pretrained=pretrained or None,
+                                       image_size=bundle.image_size, tokenizer=_tokenizer_spec(family, model_name, bundle.model)))
+    return bundle
 
 
 def _create_pretrained(family: str, model_name: str, pretrained: str | None, device) -> ClipBundle:
@@ -142,3 +168,72 @@ def _create_pretrained(family: str, model_name: str, pretrained: str | None, dev
     size = model.config.vision_config.image_size
     return ClipBundle(model, bpe_tokenizer(model.config.text_config.max_position_embeddings),
                       clip_transform(size), family, size)
+
+
+# --- rebuilding a saved model's architecture offline (e2_adapter.pretrained) -----------------------
+
+def _tokenizer_spec(family: str, model_name: str, model: nn.Module) -> dict:
+    if family == "open_clip":
+        return {"kind": "open_clip", "name": model_name}
+    if family == "openai":
+        return {"kind": "openai", "context_length": int(model.context_length)}
+    return {"kind": "clip_bpe", "context_length": int(model.config.text_config.max_position_embeddings)}
+
+
+def make_tokenizer(spec: dict) -> Callable[[list[str]], torch.Tensor]:
+    """The tokenizer a saved model's config names (see ``_tokenizer_spec``)."""
+    kind = spec.get("kind")
+    if kind == "clip_bpe":
+        return bpe_tokenizer(int(spec["context_length"]))
+    if kind == "open_clip":
+        import open_clip
+        return open_clip.get_tokenizer(spec["name"])
+    if kind == "openai":
+        import clip
+        ctx = int(spec["context_length"])
+        return lambda texts: clip.tokenize(texts, context_length=ctx, truncate=True)
+    raise ValueError(f"unknown tokenizer kind {kind!r} in the saved config; expected clip_bpe, open_clip or openai")
+
+
+def architecture_of(model: nn.Module, family: str) -> dict:
+    """What it takes to rebuild ``model``'s layers with no download: its constructor arguments, read
+    from the model itself (the family's pretrained loaders need the internet; the saved weights do not)."""
+    if family == "openai":
+        v, t = model.visual, model.transformer
+        if not hasattr(v, "conv1"):
+            raise ValueError("only OpenAI CLIP ViTs can be saved (this one has a ResNet image tower)")
+        return dict(embed_dim=int(model.text_projection.shape[1]), image_resolution=int(v.input_resolution),
+                    vision_layers=len(v.transformer.resblocks), vision_width=int(v.conv1.out_channels),
+                    vision_patch_size=int(v.conv1.kernel_size[0]), context_length=int(model.context_length),
+                    vocab_size=int(model.vocab_size), transformer_width=int(t.width),
+                    transformer_heads=int(t.resblocks[0].attn.num_heads), transformer_layers=int(t.layers))
+    if family == "hf":
+        return {"config": model.config.to_dict(), "class": type(model).__name__}
+    return {}  # open_clip: the model name (a tiny config or open_clip's own) rebuilds it
+
+
+def build_architecture(family: str, model_name: str, image_size: int, arch: dict, tokenizer: dict,
+                       device: str | torch.device = "cpu") -> ClipBundle:
+    """A randomly initialised model of a saved architecture, with its tokenizer and preprocess."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown CLIP family {family!r} in the saved config; choose one of {FAMILIES}")
+    if family == "open_clip":
+        if model_name in TINY_CONFIGS:
+            model = _tiny_open_clip(tiny_config(model_name, image_size))
+            preprocess = clip_transform(image_size)
+        else:
+            import open_clip
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    elif family == "openai":
+        from clip.clip import _transform
+        from clip.model import CLIP
+        model, preprocess = CLIP(**arch), _transform(int(arch["image_resolution"]))
+    else:
+        import transformers
+        from transformers import CLIPConfig
+        cls = getattr(transformers, arch.get("class", "CLIPModel"))
+        if cls.__name__ not in ("CLIPModel", "CLIPVisionModelWithProjection"):
+            raise ValueError(f"saved hf class {cls.__name__!r} is not a CLIP class e2-adapter rebuilds")
+        config_cls = CLIPConfig if cls.__name__ == "CLIPModel" else transformers.CLIPVisionConfig
+        model, preprocess = cls(config_cls.from_dict(arch["config"])), clip_transform(image_size)
+    return ClipBundle(model.to(device), make_tokenizer(tokenizer), preprocess, family, int(image_size))

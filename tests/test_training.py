@@ -90,7 +90,7 @@ def test_validation_keeps_best_and_saves_adapter(synth, tmp_path):
     trainer = make_trainer(synth, tmp_path, with_val=True, eval_every=3, eval_protocol="sample-100")
     state = trainer.fit()
     assert state.history and state.best_step > 0
-    assert (tmp_path / "best" / "model.pt").is_file()
+    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "best" / "e2_model.json").is_file()
     assert (tmp_path / "best" / "adapter" / "adapter_model.safetensors").is_file()
 
 

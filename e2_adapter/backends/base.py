@@ -120,6 +120,8 @@ def trim_after_end(tokens: torch.Tensor, end_positions: torch.Tensor) -> torch.T
     embedding; a tag such as "FW2017" is 4 tokens of a 77-token context, and running the text tower
     on the padding made E2's region loss (one text per distinct tag value) cost more than the captions.
     """
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return tokens  # a traced graph must not bake in this batch's length; the full context is the same
     length = int(end_positions.max()) + 1 if tokens.numel() else tokens.shape[1]
     return tokens[:, :length]
 

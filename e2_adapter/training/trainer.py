@@ -28,7 +28,6 @@ from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
 from ..evaluation.embed import evaluate
 from ..evaluation.report import save_json
-from ..io import save_adapter
 from ..losses import clip_loss, clip_loss_share, e2_loss, e2_loss_share
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .distributed import gather_rows, mean_over_ranks, plan_tag_texts, rank_and_world, row_counts
@@ -379,11 +378,9 @@ class Trainer:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def save_best(self) -> None:
-        """The best model: full weights (both towers train in stage 2) plus the E2 adapter alone."""
-        best = self.out / "best"
-        atomic_torch_save(self.base_model().state_dict(), best / "model.pt")
-        if self.adapter is not None:
-            save_adapter(self.model, best / "adapter")
+        """The best model as a save_pretrained folder (both towers, LoRA merged, E2; ``best/adapter`` alone)."""
+        from ..pretrained import save_pretrained
+        save_pretrained(self.model, self.out / "best")
 
     def save_checkpoint(self, optimizer, scheduler) -> None:
         if not self.is_main:

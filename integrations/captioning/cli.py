@@ -11,18 +11,18 @@ decoder is always run with the encoder whose text tower trained it unless told o
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
 from integrations.decap import DeCap, DeCapConfig, train_decap
+
+from e2_adapter.loading import ENCODER_FIELDS, add_encoder_flags, encoder_namespace, load_encoder, parse_encoder_spec
 
 from .checkpoint import atomic_write, read_config, read_json, write_json
 from .data import load_corpus, single_sentence
@@ -31,76 +31,30 @@ from .metrics import caption_metrics, entity_accuracy
 from .tokenizers import ClipBPETokenizer, HFTokenizer, WordTokenizer
 
 ENCODER_FILE = "encoder.json"
-ENCODER_KEYS = ("family", "model", "pretrained", "image_size", "encoder_seed", "checkpoint", "adapter", "factory")
+ENCODER_KEYS = ENCODER_FIELDS
 
 
 # -- encoders ---------------------------------------------------------------------------------------
 def _add_encoder_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
-    """The project's model flags (as in ``e2-adapter train`` and ``cir``), plus where E2 weights live."""
-    d = (lambda value: value) if defaults else (lambda value: None)  # generate: None = "as recorded"
-    g = p.add_argument_group("encoder (recorded in encoder.json by train, reused by generate)")
-    g.add_argument("--family", default=d("open_clip"), choices=("open_clip", "openai", "hf"))
-    g.add_argument("--model", default=d("tiny"), help="a tiny config (tiny, small) or the family's model name")
-    g.add_argument("--pretrained", default=d(None), help="none, the family's tag, or a .pt state dict")
-    g.add_argument("--image-size", type=int, default=d(None), help="input size for tiny configs")
-    g.add_argument("--encoder-seed", type=int, default=d(0), help="init seed of a randomly initialised CLIP")
-    g.add_argument("--checkpoint", default=d(None), help="a trainer's best/ folder (model.pt [+ adapter/])")
-    g.add_argument("--adapter", default=d(None), help="an E2 adapter folder to load onto the base CLIP")
-    g.add_argument("--factory", default=d(None), help="module:function returning a ClipBundle or "
-                                                      "(model, tokenizer, preprocess)")
+    """The project's encoder flags (as in ``e2-adapter eval`` and ``cir``); ``defaults=False`` for
+    generate, where None means "as recorded in encoder.json"."""
+    add_encoder_flags(p.add_argument_group("encoder (recorded in encoder.json by train, reused by generate)"),
+                      default_model="tiny", defaults=defaults)
 
 
 def spec_from_string(text: str, base: dict) -> dict:
-    """An encoder named on a command line (``NAME=SPEC`` in the benchmark), relative to ``base``:
-    ``base``, ``module:function``, a trainer's best/ folder (model.pt), an E2 adapter folder
-    (adapter_config.json), or a ``.pt`` state dict: the same forms as ``e2-adapter cir``."""
-    spec = {**base, "checkpoint": None, "adapter": None, "factory": None}
-    path = Path(text)
-    if text == "base":
-        pass
-    elif path.is_dir() and (path / "model.pt").is_file():
-        spec["checkpoint"] = text
-    elif path.is_dir() and (path / "adapter_config.json").is_file():
-        spec["adapter"] = text
-    elif path.suffix == ".pt" and path.is_file():
-        spec["pretrained"] = text
-    elif ":" in text and not path.exists():
-        spec["factory"] = text
-    else:
-        raise ValueError(f"encoder {text!r}: not 'base', module:function, a checkpoint folder (model.pt), "
-                         "an adapter folder (adapter_config.json) or a .pt state dict")
-    return spec
+    """An encoder named on a command line (``NAME=SPEC`` in the benchmark), relative to ``base``: the
+    forms of ``e2_adapter.loading.parse_encoder_spec``, the same as ``e2-adapter cir``."""
+    return {**base, **parse_encoder_spec(text)}
 
 
-def _bundle_from_factory(path: str):
-    module, _, name = path.partition(":")
-    made = getattr(importlib.import_module(module), name)()
-    if isinstance(made, (tuple, list)):
-        return SimpleNamespace(model=made[0], tokenizer=made[1], preprocess=made[2])
-    return made
-
-
-def load_encoder(spec: dict, device: str = "cpu"):
-    """(encoder, clip tokenizer, image preprocess, name) from an encoder spec (see ``ENCODER_KEYS``)."""
-    if spec.get("factory"):
-        bundle = _bundle_from_factory(spec["factory"])
-        encoder = resolve_encoder(bundle.model)
-    else:
-        from e2_adapter.cli import load_bundle
-        torch.manual_seed(spec.get("encoder_seed") or 0)  # random (tiny) CLIPs are rebuilt identically
-        flags = SimpleNamespace(family=spec["family"], model=spec["model"], pretrained=spec.get("pretrained"),
-                                image_size=spec.get("image_size"))
-        bundle = load_bundle(flags, device=device)
-        encoder = bundle.model
-        if spec.get("checkpoint"):
-            checkpoint = Path(spec["checkpoint"])
-            if (checkpoint / "adapter").is_dir():  # an E2 model: wrap first, then the full weights
-                encoder = resolve_encoder(adapter_dir=str(checkpoint / "adapter"), base=encoder)
-            encoder.load_state_dict(torch.load(checkpoint / "model.pt", map_location=device))
-        elif spec.get("adapter"):
-            encoder = resolve_encoder(adapter_dir=spec["adapter"], base=encoder)
+def encoder_from_spec(spec: dict, device: str = "cpu"):
+    """(encoder, clip tokenizer, image preprocess, name) from an encoder spec (see ``ENCODER_KEYS``),
+    loaded by the library's one ``load_encoder``."""
+    bundle = load_encoder(encoder_namespace(spec), device=device)
+    encoder = resolve_encoder(bundle.model)  # checks it is CLIP-like
     name = spec.get("factory") or spec.get("checkpoint") or spec.get("adapter") or f"{spec['family']}:{spec['model']}"
-    return encoder.to(device).eval(), bundle.tokenizer, bundle.preprocess, name
+    return encoder, bundle.tokenizer, bundle.preprocess, name
 
 
 def load_captioner(directory: str | Path, map_location: str = "cpu"):
@@ -133,7 +87,7 @@ def _build_capdec(args, captions: list[str], embed_dim: int) -> CapDec:
 def cmd_train(args) -> int:
     corpus = load_corpus(args.train_h5, args.style, args.max_products)
     spec = {k: getattr(args, k) for k in ENCODER_KEYS}
-    encoder, clip_tokenizer, _, name = load_encoder(spec, args.device)
+    encoder, clip_tokenizer, _, name = encoder_from_spec(spec, args.device)
     embeddings = embed_texts(encoder, clip_tokenizer, corpus.captions)  # once, shared by the memory bank
     schedule = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup_steps", "max_steps", "seed")}
     schedule = {k: v for k, v in schedule.items() if v is not None}
@@ -162,9 +116,9 @@ def cmd_generate(args) -> int:
     recorded = Path(args.decoder) / ENCODER_FILE
     spec = read_json(recorded) if recorded.is_file() else {}
     spec.update({k: getattr(args, k) for k in ENCODER_KEYS if getattr(args, k) is not None})
-    if "family" not in spec and not spec.get("factory"):
+    if not (spec.get("family") or spec.get("factory") or spec.get("checkpoint")):
         raise SystemExit(f"no {ENCODER_FILE} in {args.decoder}: give the encoder flags")
-    encoder, _, preprocess, _ = load_encoder(spec, args.device)
+    encoder, _, preprocess, _ = encoder_from_spec(spec, args.device)
     captioner = load_captioner(args.decoder, map_location=args.device)
     corpus = load_corpus(args.h5, "description", args.max_products)
     options = {"method": args.method} if args.method else {}

@@ -5,14 +5,13 @@
     e2-adapter cir eval  --data data/cir --method cirevl                    [model flags]
     e2-adapter cir eval  --data data/cir --method pic2word --mapper runs/phi [model flags]
 
-Model flags are the main CLI's (--family, --model, --pretrained, --image-size) plus --checkpoint (a
-trainer's best/ folder), --adapter (an E2 adapter folder) or --factory module:function (any code
-returning a ClipBundle or a (model, tokenizer, preprocess) triple).
+Model flags are the main CLI's (--family, --model, --pretrained, --image-size, --encoder-seed) plus
+--checkpoint (a save_pretrained folder, e.g. a trainer's best/), --adapter (an E2 adapter folder) or
+--factory module:function (any code returning a ClipBundle or a (model, tokenizer, preprocess) triple).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from e2_adapter.cli import add_model_flags
+from e2_adapter.loading import add_encoder_flags as add_library_encoder_flags
+from e2_adapter.loading import import_object, load_encoder, parse_encoder_spec  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from e2_adapter.zoo import ClipBundle
@@ -28,77 +28,19 @@ if TYPE_CHECKING:
 
 # -- encoders -----------------------------------------------------------------------------------------
 def add_encoder_flags(p: argparse.ArgumentParser) -> None:
-    add_model_flags(p, default_model="tiny")
-    p.add_argument("--seed", type=int, default=0, help="seed (random init of tiny models, sampling, training)")
-    p.add_argument("--checkpoint", help="a trainer's best/ folder (model.pt [+ adapter/])")
-    p.add_argument("--adapter", help="an E2 adapter folder to load into the base model")
-    p.add_argument("--factory", help="module:function returning a ClipBundle or (model, tokenizer, preprocess)")
+    add_library_encoder_flags(p, default_model="tiny")
+    p.add_argument("--seed", type=int, default=0, help="seed (sampling, training)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def import_object(spec: str):
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise SystemExit(f"expected module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def as_bundle(obj, family: str = "custom"):
-    """A ClipBundle from a ClipBundle or a (model, tokenizer, preprocess) triple."""
-    from e2_adapter.zoo import ClipBundle
-    if isinstance(obj, ClipBundle):
-        return obj
-    if isinstance(obj, (tuple, list)) and len(obj) == 3:
-        model, tokenizer, preprocess = obj
-        return ClipBundle(model, tokenizer, preprocess, family, image_size=0)
-    raise TypeError(f"an encoder factory must return a ClipBundle or (model, tokenizer, preprocess), got {type(obj)}")
-
-
-def load_encoder(args) -> "ClipBundle":  # noqa: F821
-    """The encoder the flags describe, in eval mode on ``args.device``."""
-    if args.factory:
-        bundle = as_bundle(import_object(args.factory)())
-    else:
-        from e2_adapter.cli import load_bundle
-        torch.manual_seed(args.seed)
-        bundle = load_bundle(args, device=args.device)
-        if args.checkpoint:
-            from e2_adapter.io import load_adapter
-            ckpt = Path(args.checkpoint)
-            if not (ckpt / "model.pt").is_file():
-                raise SystemExit(f"--checkpoint {ckpt}: no model.pt in it (expected a trainer's best/ folder)")
-            if (ckpt / "adapter").is_dir():
-                load_adapter(bundle.model, ckpt / "adapter")
-            bundle.model.load_state_dict(torch.load(ckpt / "model.pt", map_location=args.device))
-        elif args.adapter:
-            from e2_adapter.io import load_adapter
-            load_adapter(bundle.model, args.adapter)
-    bundle.model.to(args.device).eval()
-    return bundle
-
-
 def encoder_from_spec(spec: str, base_args) -> "ClipBundle":  # noqa: F821
-    """One encoder named on a command line, relative to the base model flags in ``base_args``:
-
-    ``base`` (the base model itself), ``module:function`` (a factory), a trainer's best/ folder
-    (has model.pt), an E2 adapter folder (has adapter_config.json), or a ``.pt`` state dict.
-    """
-    args = argparse.Namespace(**{**vars(base_args), "factory": None, "checkpoint": None, "adapter": None})
-    path = Path(spec)
-    if spec == "base":
-        pass
-    elif path.is_dir() and (path / "model.pt").is_file():
-        args.checkpoint = spec
-    elif path.is_dir() and (path / "adapter_config.json").is_file():
-        args.adapter = spec
-    elif path.suffix == ".pt" and path.is_file():
-        args.pretrained = spec
-    elif ":" in spec and not path.exists():
-        args.factory = spec
-    else:
-        raise SystemExit(f"encoder {spec!r}: not 'base', module:function, a checkpoint folder (model.pt), "
-                         "an adapter folder (adapter_config.json) or a .pt state dict")
-    return load_encoder(args)
+    """One encoder named on a command line, relative to the base model flags in ``base_args``
+    (the forms of ``e2_adapter.loading.parse_encoder_spec``)."""
+    try:
+        fields = parse_encoder_spec(spec)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return load_encoder(argparse.Namespace(**{**vars(base_args), **fields}))
 
 
 # -- commands -----------------------------------------------------------------------------------------
