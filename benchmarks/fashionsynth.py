@@ -59,7 +59,7 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
     train, val = FashionGenH5(data[0]), FashionGenH5(data[1])
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,
                       out / f"{variant}-b{batch}-s{seed}", "open_clip", progress=False)
-    trainer.fit()
+    trainer.fit(overwrite=True)  # a rerun replaces the variant's run
     model = trainer.model.eval()  # the final model: equal steps for every variant
     metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))
     # One pass over each split serves the global probes and (wrapped models) the region probes.

@@ -45,7 +45,7 @@ def pretrain_base(out: Path, train_path: Path, steps: int, seed: int, batch_size
     coarse = FashionGenH5(train_path, text_template=COARSE_TEMPLATE)
     cfg = TrainConfig(method="clip-ft", stage1_steps=0, stage2_steps=steps, stage2_lr=1e-3, batch_size=batch_size,
                       warmup_steps=max(steps // 20, 1), seed=seed, log_every=max(steps // 20, 1))
-    Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, coarse, None, cfg, out / "pretrain", "open_clip").fit()
+    Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, coarse, None, cfg, out / "pretrain", "open_clip").fit(overwrite=True)
     torch.save(bundle.model.state_dict(), path)
     return path
 
@@ -66,10 +66,10 @@ def run(args) -> dict:
     for method in ("clip-ft", "e2"):
         print(f"[3/4] fine-tuning {method} ({sizes['finetune_steps']} steps)")
         bundle = create_clip("open_clip", MODEL)
-        bundle.model.load_state_dict(torch.load(base, map_location="cpu"))
+        bundle.model.load_state_dict(torch.load(base, map_location="cpu", weights_only=True))
         trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val,
                           finetune_config(method, sizes["finetune_steps"], args.seed, batch), out / method, "open_clip")
-        trainer.fit()
+        trainer.fit(overwrite=True)  # a rerun of the demo replaces its runs
         model = trainer.model.eval()
         models[method] = (model, bundle)
         metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))

@@ -96,7 +96,7 @@ def load_encoder(spec: dict, device: str = "cpu"):
             checkpoint = Path(spec["checkpoint"])
             if (checkpoint / "adapter").is_dir():  # an E2 model: wrap first, then the full weights
                 encoder = resolve_encoder(adapter_dir=str(checkpoint / "adapter"), base=encoder)
-            encoder.load_state_dict(torch.load(checkpoint / "model.pt", map_location=device))
+            encoder.load_state_dict(torch.load(checkpoint / "model.pt", map_location=device, weights_only=True))
         elif spec.get("adapter"):
             encoder = resolve_encoder(adapter_dir=spec["adapter"], base=encoder)
     name = spec.get("factory") or spec.get("checkpoint") or spec.get("adapter") or f"{spec['family']}:{spec['model']}"

@@ -69,7 +69,7 @@ def load_encoder(args) -> "ClipBundle":  # noqa: F821
                 raise SystemExit(f"--checkpoint {ckpt}: no model.pt in it (expected a trainer's best/ folder)")
             if (ckpt / "adapter").is_dir():
                 load_adapter(bundle.model, ckpt / "adapter")
-            bundle.model.load_state_dict(torch.load(ckpt / "model.pt", map_location=args.device))
+            bundle.model.load_state_dict(torch.load(ckpt / "model.pt", map_location=args.device, weights_only=True))
         elif args.adapter:
             from e2_adapter.io import load_adapter
             load_adapter(bundle.model, args.adapter)
