@@ -41,6 +41,19 @@ def synth40(tmp_path_factory):
     return write_fashionsynth(out, products=40, val_products=8, seed=1, image_size=32)
 
 
+@pytest.fixture(scope="module")
+def finished_run(synth, tmp_path_factory):
+    """One short finished run (2 stage-1 + 1 stage-2 steps); tests copy it rather than train again."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    make_trainer(synth, out, stage2_steps=1).fit()
+    return out
+
+
+def copy_run(run, tmp_path):
+    import shutil
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 def make_trainer(synth, out, model_seed=0, image_size=None, **overrides):
     cfg = TrainConfig(**{"batch_size": 16, "stage1_steps": 2, "stage2_steps": 2, "warmup_steps": 1,
                          "stage1_lr": 1e-3, "stage2_lr": 1e-3, **overrides})
@@ -61,9 +74,8 @@ class Payload:
         return (Path.write_text, (Path(self.marker), "code ran"))
 
 
-def test_checkpoint_is_tensors_and_plain_data_and_rng_round_trips(synth, tmp_path):
-    make_trainer(synth, tmp_path, stage2_steps=1).fit()
-    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)  # raises if anything is pickled
+def test_checkpoint_is_tensors_and_plain_data_and_rng_round_trips(finished_run):
+    ckpt = torch.load(finished_run / "checkpoint_last.pt", weights_only=True)  # raises if anything is pickled
     assert ckpt["state"]["step"] == 3 and set(ckpt["rng"]) >= {"torch", "numpy", "python"}
     import random
     saved = rng_state()
@@ -74,10 +86,9 @@ def test_checkpoint_is_tensors_and_plain_data_and_rng_round_trips(synth, tmp_pat
 
 
 @pytest.mark.parametrize("where", ["top level", "inside the rng state"])
-def test_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(synth, tmp_path, where):
+def test_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(synth, finished_run, tmp_path, where):
     marker = tmp_path / "pwned"
-    out = tmp_path / "run"
-    make_trainer(synth, out, stage2_steps=1).fit()
+    out = copy_run(finished_run, tmp_path)
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
     if where == "top level":
         ckpt["extra"] = Payload(marker)
@@ -212,6 +223,7 @@ def test_debug_shows_the_traceback(synth, tmp_path, monkeypatch, how):
         cli.main(argv)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, open_clip and transformers
 def test_a_real_process_shows_no_traceback(synth, tmp_path):
     run = subprocess.run([sys.executable, "-m", "e2_adapter.cli", *train_argv(synth, tmp_path, "--tau-end", "-1")],
                          capture_output=True, text=True, env=ENV, timeout=120)
@@ -233,12 +245,12 @@ def steps_logged(out):
     return [r["step"] for r in rows if "step" in r]
 
 
-def test_overwrite_replaces_the_old_run(synth, tmp_path):
-    make_trainer(synth, tmp_path).fit()
+def test_overwrite_replaces_the_old_run(synth, finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
-        make_trainer(synth, tmp_path).fit()
-    make_trainer(synth, tmp_path, stage2_steps=1, log_every=1).fit(overwrite=True)
-    assert steps_logged(tmp_path) == [1, 2, 3]  # the old run's rows are gone, not appended to
+        make_trainer(synth, out).fit()
+    make_trainer(synth, out, stage1_steps=1, stage2_steps=1, log_every=1).fit(overwrite=True)
+    assert steps_logged(out) == [1, 2]  # the old run's rows are gone, not appended to
 
 
 @pytest.mark.parametrize("change, message", [
@@ -247,16 +259,22 @@ def test_overwrite_replaces_the_old_run(synth, tmp_path):
     ({"stage2_lr": 1e-4}, "stage2_lr"),
     ({"image_size": 48}, "its model differs from this one"),
 ])
-def test_resume_with_other_options_or_model_names_the_difference(synth, tmp_path, change, message):
-    make_trainer(synth, tmp_path, stage2_steps=1).fit()
-    saved_config = (tmp_path / "train_config.json").read_text()
+def test_resume_with_other_options_or_model_names_the_difference(synth, finished_run, tmp_path, change, message):
+    out = copy_run(finished_run, tmp_path)
+    saved_config = (out / "train_config.json").read_text()
+    change = dict(change)
     image_size = change.pop("image_size", None)
     from e2_adapter.training.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match=message):
-        make_trainer(synth, tmp_path, stage2_steps=1, image_size=image_size, **change).fit(resume=True)
-    assert (tmp_path / "train_config.json").read_text() == saved_config  # not overwritten
-    # Options that do not change what is trained may differ.
-    make_trainer(synth, tmp_path, stage2_steps=1, log_every=3, checkpoint_every=5).fit(resume=True)
+        make_trainer(synth, out, stage2_steps=1, image_size=image_size, **change).fit(resume=True)
+    assert (out / "train_config.json").read_text() == saved_config  # not overwritten
+
+
+def test_resume_accepts_options_that_do_not_change_training(synth, finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    state = make_trainer(synth, out, stage2_steps=1, log_every=3, checkpoint_every=5, num_workers=0,
+                         device="cpu").fit(resume=True)
+    assert state.step == 3
 
 
 def test_stale_temporaries_are_removed_and_others_kept(synth, tmp_path):
@@ -267,7 +285,7 @@ def test_stale_temporaries_are_removed_and_others_kept(synth, tmp_path):
     mine = tmp_path / "notes.tmp"
     for p in stale + [mine]:
         p.write_text("half written")
-    make_trainer(synth, tmp_path, stage2_steps=1).fit(overwrite=True)
+    make_trainer(synth, tmp_path, stage1_steps=1, stage2_steps=0).fit(overwrite=True)
     assert not any(p.exists() for p in stale) and mine.exists()
     assert not list(tmp_path.rglob(".*.tmp"))
 
@@ -458,3 +476,74 @@ def test_latin1_manifest_names_the_file_and_the_encoding_flag(manifest):
         ManifestCatalogue(manifest / "cat.csv", tag_columns=("brand",))
     assert ManifestCatalogue(manifest / "cat.csv", tag_columns=("brand",), encoding="latin-1").tags(0) == \
         {"brand": "Hermès"}
+
+
+# --- 6. kill and resume: a SIGKILLed training process resumes to the uninterrupted run, bit for bit -----------
+
+KILL_RECIPE = dict(stage1_steps=3, stage2_steps=3, checkpoint_every=2, log_every=1)  # checkpoints: 2, 3, 4, 6
+
+
+def _train_and_die(synth, out, kill_step, during_write):
+    """In a forked child: train from scratch and SIGKILL this process at ``kill_step``, right after the
+    step is logged (its checkpoint unwritten) or half-way through writing its checkpoint."""
+    import io
+    from e2_adapter.training import checkpoint as checkpoint_module
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+    if during_write:
+        real_save = torch.save
+
+        def half_written(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("state", {}).get("step") == kill_step:
+                buf = io.BytesIO()
+                real_save(obj, buf)
+                Path(f).write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+                die()
+            return real_save(obj, f, *args, **kwargs)
+        checkpoint_module.torch.save = half_written
+    else:
+        real_log = Trainer.log_step
+
+        def log_then_die(self, *args):
+            real_log(self, *args)
+            if self.state.step == kill_step:
+                die()
+        Trainer.log_step = log_then_die
+    torch.set_num_threads(1)
+    make_trainer(synth, out, **KILL_RECIPE).fit()
+    os._exit(0)  # not reached when the kill works
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    trainer = make_trainer(synth, out, **KILL_RECIPE)
+    trainer.fit()
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}, steps_logged(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_step, during_write, resumes_from", [
+    (3, False, 2),   # stage 1, mid-run: the tag-embedding cache must be rebuilt identically
+    (5, False, 4),   # stage 2, mid-run
+    (6, True, 4),    # stage 2, half-way through writing the final checkpoint
+])
+def test_sigkilled_training_resumes_bit_for_bit(synth, tmp_path, uninterrupted, kill_step, during_write,
+                                                 resumes_from):
+    import multiprocessing
+    torch.set_num_threads(1)  # the child inherits it; the reference ran with it too
+    child = multiprocessing.get_context("fork").Process(target=_train_and_die,
+                                                        args=(synth, tmp_path, kill_step, during_write))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["state"]["step"] == resumes_from
+    assert bool(list(tmp_path.glob(".checkpoint_last.pt.*.tmp"))) == during_write
+    resumed = make_trainer(synth, tmp_path, **KILL_RECIPE)
+    resumed.fit(resume=True)
+    reference, reference_steps = uninterrupted
+    state = resumed.model.state_dict()
+    assert state.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(reference[k], state[k])]
+    assert not different
+    assert steps_logged(tmp_path) == reference_steps == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
