@@ -225,8 +225,9 @@ class Trainer:
             raise ValueError(f"entities {missing} are not tags of the training data (it has {train.entities}); "
                              "pass --entities with a subset of those")
         if len(train) // cfg.batch_size < cfg.grad_accum:  # an optimizer step needs grad_accum full batches
-            raise ValueError(f"the training data has {len(train)} products, fewer than one optimizer step of "
-                             f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}; lower either")
+            raise ValueError(f"the training data has {len(train)} products, fewer than one batch of "
+                             f"{cfg.batch_size * cfg.grad_accum} per optimizer step (--batch-size {cfg.batch_size} "
+                             f"x --grad-accum {cfg.grad_accum}); lower either")
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(model, cfg, family).to(self.device)
         self.objective = ContrastiveObjective(self.model, cfg, tokenizer)
@@ -285,6 +286,8 @@ class Trainer:
         if found and not overwrite:
             raise FileExistsError(f"--out {self.out} already holds a training run ({', '.join(found)}); pass "
                                   "--resume to continue it, --overwrite to replace it, or choose a new --out")
+        if self.distributed:
+            dist.barrier()  # every rank has looked before rank 0 deletes or writes anything
         if found and self.is_main:
             import shutil
             for name in found:
