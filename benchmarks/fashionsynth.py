@@ -64,7 +64,8 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
                       out / f"{variant}-b{batch}-s{seed}", "open_clip", progress=False)
     # A run a stopped session left half done continues from its last checkpoint.
     start = time.perf_counter()
-    trainer.fit(resume=(trainer.out / "checkpoint_last.pt").is_file())
+    resume = (trainer.out / "checkpoint_last.pt").is_file()
+    trainer.fit(resume=resume, overwrite=not resume)
     seconds = time.perf_counter() - start
     model = trainer.model.eval()  # the final model: equal steps for every variant
     metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -34,18 +35,25 @@ def add_data_flags(p: argparse.ArgumentParser, *names: str) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--product-column", default=None)
     p.add_argument("--max-products", type=int, default=None)
+    p.add_argument("--encoding", default=None,
+                   help="text encoding of the data file (default: latin-1 for fashiongen h5, utf-8 for manifests)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="manifest: skip unreadable or empty image files (with a warning) instead of stopping")
 
 
 def open_catalogue(args, path: str, entities, split: str = "train"):
     from .data import AmazonFashion, FashionGenH5, ManifestCatalogue
     if args.format == "fashiongen":
-        return FashionGenH5(path, entities=entities, max_products=args.max_products)
+        return FashionGenH5(path, entities=entities, max_products=args.max_products,
+                            encoding=args.encoding or "latin-1")
     if args.format == "amazon":
         if not args.images:
             raise SystemExit("--format amazon needs --images (the folder of <asin>.jpg files)")
         return AmazonFashion(path, args.images, args.split_file, split=split)
     return ManifestCatalogue(path, image_column=args.image_column, text_column=args.text_column,
-                             product_column=args.product_column, tag_columns=tuple(entities))
+                             product_column=args.product_column, tag_columns=tuple(entities),
+                             encoding=args.encoding or "utf-8-sig",
+                             bad_images="skip" if args.skip_bad_images else "error")
 
 
 # --- TrainConfig fields become flags ---------------------------------------------------------------
@@ -85,11 +93,13 @@ def cmd_train(args) -> None:
     from .training.trainer import Trainer
     cfg = train_config_from(args)
     init_distributed()
+    if getattr(args, "encoder_seed", None) is None:
+        args.encoder_seed = cfg.seed  # so two runs with one --seed start from one random model
     bundle = load_encoder(args)
     train = open_catalogue(args, args.train, cfg.entities, "train")
     val = open_catalogue(args, args.val, cfg.entities, "test") if args.val else None
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg, args.out, bundle.family)
-    state = trainer.fit(resume=args.resume)
+    state = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     if trainer.is_main:
         print(json.dumps({"best_SumR": state.best_sumr, "best_step": state.best_step, "steps": state.step}))
 
@@ -204,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p, "train", "val")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
     add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
@@ -233,12 +244,42 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name} integration (see `e2-adapter {name} -h`)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    for name, p in sub.choices.items():
+        if p.add_help:  # the integrations' pass-through parsers take every flag as theirs
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean a bad input or option, not a bug: shown as one message, no traceback."""
+    from .backends.base import UnsupportedModelError
+    from .data.catalogue import DataFormatError
+    from .training.trainer import TrainingDiverged
+    return (DataFormatError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, TrainingDiverged, UnsupportedModelError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Known errors print ``e2-adapter: error: ...`` and exit 2 (1 when training diverged);
+    ``--debug`` or ``E2_ADAPTER_DEBUG=1`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    debug = getattr(args, "debug", False) or os.environ.get("E2_ADAPTER_DEBUG", "") not in ("", "0")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("e2-adapter: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if debug or not isinstance(err, user_errors()):
+            raise
+        from .training.trainer import TrainingDiverged
+        message = str(err) if not isinstance(err, OSError) or not err.filename else \
+            f"{err.strerror or err}: {err.filename}"
+        print(f"e2-adapter: error: {message}\n(rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1 if isinstance(err, TrainingDiverged) else 2)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def run(args) -> dict:
         bundle = base_model(setting, base)
         trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val,
                           finetune_config(method, steps, args.seed, batch), out / method, "open_clip")
-        trainer.fit()
+        trainer.fit(overwrite=True)  # a rerun of the demo replaces its runs
         model = trainer.model.eval()
         models[method] = (model, bundle)
         metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))

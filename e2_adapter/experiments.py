@@ -101,7 +101,7 @@ def pretrain_base(setting: Setting, train_path: Path, path: Path, work: Path) ->
     cfg = TrainConfig(method="clip-ft", stage1_steps=0, stage2_steps=steps, stage2_lr=setting.pretrain_lr,
                       batch_size=setting.pretrain_batch, warmup_steps=max(steps // 20, 1), seed=0,
                       log_every=max(steps // 20, 1))
-    Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, coarse, None, cfg, work, "open_clip").fit()
+    Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, coarse, None, cfg, work, "open_clip").fit(overwrite=True)
     tmp = path.with_suffix(".partial")
     torch.save(bundle.model.state_dict(), tmp)
     tmp.replace(path)

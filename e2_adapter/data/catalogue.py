@@ -110,3 +110,34 @@ class ImageFileCatalogue(ProductCatalogue):
         p, view = self._check_view(p, view)
         with Image.open(self._images[p][view]) as im:
             return im.convert("RGB")
+
+
+# -- checks shared by the readers -----------------------------------------------------------------
+
+def image_problem(path) -> Optional[str]:
+    """Why the image file at ``path`` cannot be trained on (missing, empty, not a readable image), or None."""
+    import os
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "not found"
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the whole file: catches truncation, not only a bad header
+    except Exception as err:  # PIL raises many types for corrupt files
+        return f"not a readable image ({type(err).__name__})"
+    return None
+
+
+def looks_double_encoded(text: str) -> bool:
+    """True for mojibake such as 'CafÃ©': UTF-8 bytes read as latin-1 / cp1252 (the fix round-trips)."""
+    if text.isascii():
+        return False
+    for wrong in ("latin-1", "cp1252"):
+        try:
+            return text.encode(wrong).decode("utf-8") != text
+        except UnicodeError:
+            continue
+    return False

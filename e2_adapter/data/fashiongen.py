@@ -11,8 +11,10 @@ but grouping by id keeps us correct if they are not).
 
 from __future__ import annotations
 
+import codecs
 import os
 import string
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,7 +22,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from .catalogue import Box, DataFormatError, ProductCatalogue
+from .catalogue import Box, DataFormatError, ProductCatalogue, looks_double_encoded
 
 FASHIONGEN_KEYS = (
     "index", "index_2", "input_brand", "input_category", "input_composition",
@@ -41,6 +43,7 @@ REGION_PREFIX = "region_"
 _HOW_TO_GET = ("FashionGen cannot be redistributed: request it from its authors, or write a "
                "synthetic stand-in with the same layout via `e2-adapter synth`.")
 _COLUMN_CHUNK = 8192  # rows per read when scanning a whole string column
+_ENCODING_SAMPLE = 256  # rows whose strings are checked against the encoding up front
 
 
 def _decode(value, encoding: str) -> str:
@@ -86,7 +89,10 @@ class FashionGenH5(ProductCatalogue):
                              f"got {list(entities)}")
         self.text_template = text_template
         self._text_fields = _template_fields(text_template)
-        self.encoding = encoding
+        try:
+            self.encoding = codecs.lookup(encoding).name
+        except LookupError as err:
+            raise ValueError(f"unknown text encoding {encoding!r} (--encoding); e.g. latin-1 or utf-8") from err
         if max_products is not None and max_products < 1:
             raise ValueError(f"max_products must be >= 1, got {max_products}")
 
@@ -94,7 +100,8 @@ class FashionGenH5(ProductCatalogue):
         self._h5_pid: Optional[int] = None
         with self._open() as f:
             self._validate(f)
-            ids = np.asarray(f[ID_KEY][()]).reshape(len(f[ID_KEY]), -1)[:, 0]
+            self._check_encoding(f)
+            ids = self._integer_ids(np.asarray(f[ID_KEY][()]).reshape(len(f[ID_KEY]), -1)[:, 0])
             self._region_keys = {e: REGION_PREFIX + e for e in self.entities
                                  if REGION_PREFIX + e in f}
         self._group_rows(ids, max_products)
@@ -136,6 +143,43 @@ class FashionGenH5(ProductCatalogue):
             raise DataFormatError(
                 f"{self.path}: row counts differ: '{IMAGE_KEY}' has {n} rows but {wrong}. "
                 f"Every key needs one row per image; the file is truncated or corrupt.")
+
+    def _integer_ids(self, ids: np.ndarray) -> np.ndarray:
+        """FashionGen's product ids are integers; digit strings are accepted, anything else is an error."""
+        if ids.dtype.kind in "iu":
+            return ids
+        if ids.dtype.kind == "f" and np.all(np.isfinite(ids)) and np.all(ids == np.round(ids)):
+            return ids.astype(np.int64)
+        try:
+            return np.array([int(_decode(v, self.encoding)) for v in ids], dtype=np.int64)
+        except (ValueError, TypeError):
+            bad = next(v for v in ids if not _decode(v, self.encoding).lstrip("-").isdigit())
+            raise DataFormatError(
+                f"{self.path}: '{ID_KEY}' must hold integer product ids, found {_decode(bad, self.encoding)!r} "
+                f"(dtype {ids.dtype}). Number the products (rows of one product share one integer id) "
+                f"and rewrite the file, or use --format manifest, whose ids may be any text.") from None
+
+    def _check_encoding(self, f: h5py.File) -> None:
+        """Decode a sample of every string column: a wrong --encoding fails here, not mid-training, and
+        UTF-8 text read as latin-1 (mojibake such as 'Ã©') is reported."""
+        keys = [k for k in self._required_keys() if k not in (IMAGE_KEY, ID_KEY)]
+        suspect = ""
+        for key in keys:
+            if f[key].dtype.kind not in "SOU":
+                continue
+            for value in f[key][:_ENCODING_SAMPLE]:
+                try:
+                    text = _decode(value, self.encoding)
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(f"{self.path}: '{key}' is not valid {self.encoding} text ({err}); "
+                                          f"pass the file's encoding, e.g. --encoding latin-1 "
+                                          f"(FashionGen's own files are latin-1)") from None
+                if not suspect and looks_double_encoded(text):
+                    suspect = f"'{key}' holds {text[:60]!r}"
+        if suspect:
+            hint = "--encoding utf-8" if self.encoding != "utf-8" else "re-encode the file once (it is encoded twice)"
+            warnings.warn(f"{self.path}: text looks double-encoded ({suspect}): UTF-8 bytes decoded as "
+                          f"{self.encoding}; pass {hint}", UnicodeWarning, stacklevel=3)
 
     def _group_rows(self, ids: np.ndarray, max_products: Optional[int]) -> None:
         """Product p's rows are ``self._rows[self._offsets[p]:self._offsets[p + 1]]``."""
@@ -217,7 +261,7 @@ class FashionGenH5(ProductCatalogue):
         return self._string(GROUP_KEY, self._row(p))
 
     def product_id(self, p: int) -> str:
-        return str(int(self._ids[self._check_product(p)]))
+        return str(int(self._ids[self._check_product(p)]))  # ids are integers (checked on opening)
 
     def regions(self, p: int, view: int = 0) -> Optional[dict[str, Box]]:
         row = self._row(p, view)

@@ -12,24 +12,34 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 
-from .catalogue import DataFormatError, ImageFileCatalogue
+from .catalogue import DataFormatError, ImageFileCatalogue, image_problem
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 _SHOW = 5
 
 
-def _read_rows(path: Path, fmt: str) -> tuple[list[dict[str, str]], list[str]]:
-    """All rows as str -> str dicts, and the column names seen."""
+def _read_rows(path: Path, fmt: str, encoding: str = "utf-8-sig") -> tuple[list[dict[str, str]], list[str]]:
+    """All rows as str -> str dicts, and the column names seen; a wrong encoding names the file."""
+    try:
+        return _parse_rows(path, fmt, encoding)
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}, line {line}: not valid {err.encoding} text (byte {err.object[err.start]:#04x}); "
+                              f"pass the file's encoding, e.g. --encoding latin-1 (encoding='latin-1')") from None
+
+
+def _parse_rows(path: Path, fmt: str, encoding: str) -> tuple[list[dict[str, str]], list[str]]:
     if fmt in ("csv", "tsv"):
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
+        with path.open(newline="", encoding=encoding) as fh:  # utf-8-sig by default: Excel writes a BOM
             reader = csv.DictReader(fh, delimiter="\t" if fmt == "tsv" else ",")
             rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
             return rows, list(reader.fieldnames or [])
-    raw = path.read_text(encoding="utf-8")
+    raw = path.read_text(encoding=encoding)
     try:
         whole = json.loads(raw)
         records = whole if isinstance(whole, list) else [whole]
@@ -64,15 +74,22 @@ class ManifestCatalogue(ImageFileCatalogue):
             entity -> column (e.g. ``{"brand": "designer"}``).
         group_column: the sub-category column (used by the sample-100 protocol).
         image_root: base folder for relative image paths (default: the manifest's folder).
-        check_images: verify every image file exists up front (clear error, not a crash mid-epoch).
+        check_images: verify every image file up front: present, not empty, a readable image (a clear
+            error, not a crash mid-epoch).
+        bad_images: "error" (default) stops on the first check that fails, naming the files; "skip"
+            leaves those views out (and products left with none), with a warning giving the count.
+        encoding: text encoding of the manifest (default UTF-8, with or without a BOM).
     """
 
     def __init__(self, path: str | os.PathLike, image_column: str = "image",
                  text_column: str = "text", product_column: Optional[str] = None,
                  tag_columns: Sequence[str] | Mapping[str, str] = (),
                  group_column: Optional[str] = None, image_root: Optional[str | os.PathLike] = None,
-                 check_images: bool = True, format: Optional[str] = None):
+                 check_images: bool = True, format: Optional[str] = None, bad_images: str = "error",
+                 encoding: str = "utf-8-sig"):
         self.path = Path(path)
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
         if not self.path.is_file():
             raise DataFormatError(f"manifest not found: {self.path}")
         fmt = format or _FORMATS.get(self.path.suffix.lower())
@@ -86,7 +103,7 @@ class ManifestCatalogue(ImageFileCatalogue):
         self.entities = tuple(tag_map)
         self._tag_map = tag_map
 
-        rows, found = _read_rows(self.path, fmt)
+        rows, found = _read_rows(self.path, fmt, encoding)
         if not rows:
             raise DataFormatError(f"{self.path}: the manifest has no rows.")
         needed = [image_column, text_column, *tag_map.values()]
@@ -119,12 +136,26 @@ class ManifestCatalogue(ImageFileCatalogue):
         self._text_column, self._group_column = text_column, group_column
 
         if check_images:
-            absent = [str(p) for views in self._images for p in views if not p.is_file()]
-            if absent:
-                more = f" (and {len(absent) - _SHOW} more)" if len(absent) > _SHOW else ""
-                raise DataFormatError(f"{self.path}: {len(absent)} image file(s) not found: "
-                                      f"{', '.join(absent[:_SHOW])}{more}. Relative paths are "
-                                      f"resolved against {root}; pass image_root= to change that.")
+            self._check_images(root, bad_images)
+
+    def _check_images(self, root: Path, bad_images: str) -> None:
+        problems = {p: why for views in self._images for p in views if (why := image_problem(p))}
+        if not problems:
+            return
+        listed = ", ".join(f"{p} ({why})" for p, why in list(problems.items())[:_SHOW])
+        more = f" (and {len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
+        if bad_images == "error":
+            raise DataFormatError(f"{self.path}: {len(problems)} image file(s) cannot be used: {listed}{more}. "
+                                  f"Relative paths are resolved against {root} (image_root= changes that); "
+                                  f"fix or remove them, or skip them with --skip-bad-images (bad_images='skip').")
+        keep = [i for i, views in enumerate(self._images) if any(p not in problems for p in views)]
+        self._images = [[p for p in self._images[i] if p not in problems] for i in keep]
+        self._ids = [self._ids[i] for i in keep]
+        self._first = [self._first[i] for i in keep]
+        if not self._ids:
+            raise DataFormatError(f"{self.path}: no product has a usable image: {listed}{more}")
+        warnings.warn(f"{self.path}: skipped {len(problems)} unusable image file(s) ({listed}{more}); "
+                      f"{len(self._ids)} product(s) remain", UserWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -62,9 +62,45 @@ class TrainConfig:
             raise ValueError("grad_accum must be >= 1")
         if self.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"amp must be auto, fp16, bf16 or none, got {self.amp!r}")
-        for name in ("stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every number and name checked here, before any data is read or any step is trained."""
+        from ..config import PRESETS
+        from ..evaluation.retrieval import PROTOCOLS
+
+        def flag(name):
+            return f"{name} (--{name.replace('_', '-')})"
+        at_least = {"stage1_epochs": 0, "stage2_epochs": 0, "stage1_lr": 0, "stage2_lr": 0, "adapter_lr": 0,
+                    "stage1_steps": 0, "stage2_steps": 0, "warmup_steps": 0, "weight_decay": 0,
+                    "global_weight": 0, "region_weight": 0, "lora_rank": 0, "eval_every": 0,
+                    "checkpoint_every": 0, "num_workers": 0, "tokens_per_entity": 1, "log_every": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and not value >= low:  # "not >=" also rejects NaN
+                raise ValueError(f"{flag(name)} must be >= {low}, got {value}")
+        for name in ("tau_start", "tau_end"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag(name)} must be > 0 (a Gumbel-softmax temperature), got {getattr(self, name)}")
+        if self.global_weight == 0 and self.region_weight == 0:
+            raise ValueError("global_weight and region_weight are both 0: nothing would be trained")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas (--betas) must be two numbers in [0, 1), got {self.betas}")
+        if self.eval_protocol not in PROTOCOLS:
+            raise ValueError(f"unknown eval_protocol {self.eval_protocol!r} (--eval-protocol); "
+                             f"choose one of {sorted(PROTOCOLS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (--preset); choose one of {PRESETS}")
+        if not self.entities:
+            raise ValueError("entities (--entities) is empty: name at least one tag entity, e.g. brand")
+        if self.fusion_after is not None and any(i < 1 for i in self.fusion_after):
+            raise ValueError(f"fusion_after (--fusion-after) positions are 1-based block indices, got {self.fusion_after}")
+        if self.device != "auto":
+            import torch
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"unknown device {self.device!r} (--device); use auto, cpu, cuda or cuda:N") from err
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

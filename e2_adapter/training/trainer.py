@@ -29,13 +29,20 @@ from ..data.datasets import TrainViews, collate
 from ..evaluation.embed import evaluate
 from ..evaluation.report import save_json
 from ..losses import clip_loss, clip_loss_share, e2_loss, e2_loss_share
-from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, remove_stale_temporaries, rng_state,
+                         set_rng_state)
 from .distributed import gather_rows, mean_over_ranks, plan_tag_texts, rank_and_world, row_counts
 from .config import TrainConfig
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+# What a run writes into its folder: finding any of these means the folder holds a run.
+RUN_FILES = ("checkpoint_last.pt", "metrics.jsonl", "train_config.json", "best")
+# Options that may change on --resume: they do not change what is trained.
+RESUMABLE_CHANGES = ("device", "num_workers", "log_every", "checkpoint_every")
 
 
 @dataclass
@@ -122,6 +129,18 @@ class ContrastiveObjective(nn.Module):
         self.tag_cache: dict[str, torch.Tensor] = {}  # valid while the text tower is frozen
         self.backend = get_backend(model)  # looked up once: the model's structure is fixed from here on
 
+    def fill_tag_cache(self, values, chunk: int = 256) -> None:
+        """Encode every tag value up front, sorted and in fixed chunks, so the frozen-text cache is a
+        function of the data alone: a run resumed in stage 1 gets bit-identical tag embeddings
+        (filled lazily, each value's embedding depended on which batch first asked for it)."""
+        self.tag_cache.clear()
+        values = sorted(set(values))
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for i in range(0, len(values), chunk):
+                part = values[i:i + chunk]
+                self.tag_cache.update(zip(part, self.backend.encode_text(self.tokenizer(part).to(device)).detach()))
+
     def encode_tags(self, values: list[str], text_frozen: bool) -> torch.Tensor:
         backend = self.backend
         device = next(self.model.parameters()).device
@@ -196,7 +215,10 @@ def epoch_batches(num_products: int, catalogue: ProductCatalogue, batch_size: in
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+    return device
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device):
@@ -226,9 +248,10 @@ class Trainer:
         if cfg.batch_size < self.world:
             raise ValueError(f"--batch-size is the global batch, split across the {self.world} processes; "
                              f"{cfg.batch_size} leaves some with no rows: use at least {self.world}")
-        if len(train) < cfg.batch_size:
+        if len(train) // cfg.batch_size < cfg.grad_accum:  # an optimizer step needs grad_accum full batches
             raise ValueError(f"the training data has {len(train)} products, fewer than one batch of "
-                             f"{cfg.batch_size}; lower --batch-size")
+                             f"{cfg.batch_size * cfg.grad_accum} per optimizer step (--batch-size {cfg.batch_size} "
+                             f"x --grad-accum {cfg.grad_accum}); lower either")
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(model, cfg, family).to(self.device)
         self.objective = ContrastiveObjective(self.model, cfg, tokenizer)
@@ -239,18 +262,25 @@ class Trainer:
         self.stages = stages_for(cfg, self.steps_per_epoch, self.adapter is not None)
         self.total_steps = sum(s.steps for s in self.stages)
         self.state = TrainState()
+        self.last_checkpoint_step: int | None = None
         self.amp = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
 
     # -- the recipe ----------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainState:
-        checkpoint = load_checkpoint(self.out / "checkpoint_last.pt") if resume else None
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainState:
+        """Train. ``resume``: continue the run in ``out``. ``overwrite``: delete the run already in
+        ``out`` first. With neither, a folder that holds a run is refused, so no run is lost."""
+        checkpoint = self.open_run_folder(resume, overwrite)
         if checkpoint:
+            self.check_resumable(checkpoint)
             self.model.load_state_dict(checkpoint["model"])
             self.state = TrainState(**checkpoint["state"])
+            self.last_checkpoint_step = self.state.step
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.out / "train_config.json", self.cfg.to_dict())
+            if checkpoint:
+                self.drop_metrics_after(self.state.step)
         for index in range(self.state.stage, len(self.stages)):
             stage = self.stages[index]
             if index != self.state.stage:
@@ -265,6 +295,58 @@ class Trainer:
         if self.is_main and self.state.best_step < 0:  # no validation data: the final model is "best"
             self.save_best()
         return self.state
+
+    # -- the run folder -------------------------------------------------------------------------
+    def open_run_folder(self, resume: bool, overwrite: bool) -> dict | None:
+        """Check ``out`` before any work; return the checkpoint to resume from (or None)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} is a file; name a folder for the run")
+        for folder in (self.out, self.out / "best", self.out / "best" / "adapter"):
+            if self.is_main:
+                remove_stale_temporaries(folder)  # left by writes a kill interrupted
+        if resume:
+            return load_checkpoint(self.out / "checkpoint_last.pt")
+        found = [name for name in RUN_FILES if (self.out / name).exists()]
+        if found and not overwrite:
+            raise FileExistsError(f"--out {self.out} already holds a training run ({', '.join(found)}); pass "
+                                  "--resume to continue it, --overwrite to replace it, or choose a new --out")
+        if self.distributed:
+            dist.barrier()  # every rank has looked before rank 0 deletes or writes anything
+        if found and self.is_main:
+            import shutil
+            for name in found:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+
+    def check_resumable(self, checkpoint: dict) -> None:
+        """The checkpoint must come from this recipe and this model, or resuming silently mixes runs."""
+        saved, now = checkpoint.get("config", {}), self.cfg.to_dict()
+        changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+        if changed:
+            raise CheckpointError(f"cannot --resume {self.out}: the options differ from the run's ("
+                                  + "; ".join(changed) + "). Resume with the same options, or start afresh "
+                                  "with --overwrite or a new --out")
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in checkpoint["model"].items()}
+        differ = sorted(k for k in set(expected) | set(stored) if expected.get(k) != stored.get(k))
+        if differ:
+            raise CheckpointError(f"cannot --resume {self.out}: its model differs from this one in {len(differ)} "
+                                  f"weights (e.g. {differ[:3]}); resume with the same --family / --model")
+
+    def drop_metrics_after(self, step: int) -> None:
+        """Rows logged after the checkpoint are logged again by the resumed run: keep one copy."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        def row_step(line: str) -> int:
+            row = json.loads(line)
+            return row["step"] if "step" in row else row.get("eval", {}).get("step", 0)
+        kept = [line for line in path.read_text().splitlines() if line.strip() and row_step(line) <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     def make_optimizer(self, stage: Stage):
         from transformers import get_cosine_schedule_with_warmup
@@ -283,6 +365,9 @@ class Trainer:
             objective = nn.parallel.DistributedDataParallel(self.objective, find_unused_parameters=True)
         text_frozen = stage.adapter_only  # stage 1: the text tower does not train
         self.model.train()
+        if text_frozen and self.cfg.method != "clip-ft":
+            tags = self.train_data.all_tags()
+            self.objective.fill_tag_cache(v for e in self.cfg.entities for v in tags[e])
         bar = tqdm(total=stage.steps, initial=self.state.stage_step, desc=stage.name,
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         while self.state.stage_step < stage.steps:
@@ -302,9 +387,11 @@ class Trainer:
                 loss = parts["loss"]  # this rank's part; backward through it gives the global batch's gradient
                 parts = mean_over_ranks(parts)  # the global batch's loss, the same on every rank
                 if not torch.isfinite(parts["loss"]):
-                    raise TrainingDiverged(
-                        f"loss became {parts['loss'].item()} at step {self.state.step} ({stage.name}); the last good "
-                        f"checkpoint is {self.out / 'checkpoint_last.pt'}. Lower the learning rate or use --amp bf16.")
+                    saved = (f"the last good checkpoint is {self.out / 'checkpoint_last.pt'} (step "
+                             f"{self.last_checkpoint_step})" if self.last_checkpoint_step is not None else
+                             "no checkpoint was written yet (--checkpoint-every N writes one every N steps)")
+                    raise TrainingDiverged(f"loss became {parts['loss'].item()} at step {self.state.step} "
+                                           f"({stage.name}); {saved}. Lower the learning rate or use --amp bf16.")
                 self.scaler.scale(loss / self.cfg.grad_accum).backward()
                 micro += 1
                 if micro % self.cfg.grad_accum:
@@ -389,3 +476,4 @@ class Trainer:
                            "scheduler": scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                            "state": self.state.__dict__, "rng": rng_state(), "config": self.cfg.to_dict()},
                           self.out / "checkpoint_last.pt")
+        self.last_checkpoint_step = self.state.step

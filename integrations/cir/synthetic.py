@@ -14,7 +14,7 @@ metrics and commands run on it unchanged and per-category results are per-attrib
 
     out/captions/cap.{colour,brand,fabric,subcategory}.{split}.json
     out/image_splits/split.{attribute}.{split}.json   # every product of the catalogue (same gallery)
-    out/images/{product id}.png                       # the product's first view
+    out/images/{product id}.png                       # the product's first view (the id made file-safe)
     out/edits.{split}.json              # per triplet: attribute, reference, target, from, to
     out/reference_captions.{split}.json # {image: oracle caption}, for CIReVL's oracle-caption mode
     out/products.{split}.json           # {image: the product's attributes and text}
@@ -54,6 +54,19 @@ class Product:
     def caption(self) -> str:
         """The oracle caption: what a perfect captioner would say about every edited attribute."""
         return f"{self.title} by {self.brand}, {self.fabric}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_image_name(product_id: str) -> str:
+    """A product id as a file name that stays inside the images folder: path separators and every other
+    character outside letters, digits, '.', '_' and '-' become '_', and a leading '.' is escaped
+    ('../../x' -> '_.._.._x'), so no id can climb out of the output folder or hide a file."""
+    name = _UNSAFE.sub("_", str(product_id))
+    if not name:
+        raise ValueError("an empty product id cannot name an image; give every product an id")
+    return "_" + name if name.startswith(".") else name
 
 
 def find_colour(text: str, colours: Sequence[str] = DEFAULT_COLOURS) -> str:
@@ -125,7 +138,7 @@ def read_products(catalogue, colours: Sequence[str] = DEFAULT_COLOURS) -> list[P
     products = []
     for p, (text, pid) in enumerate(zip(texts, ids)):
         title = re.split(r"(?<=[^\d])\.\s", text.strip(), maxsplit=1)[0].strip().rstrip(".")
-        products.append(Product(image=str(pid), index=p, colour=find_colour(text, colours),
+        products.append(Product(image=safe_image_name(pid), index=p, colour=find_colour(text, colours),
                                 brand=tags["brand"][p], fabric=tags["composition"][p].rstrip(". "),
                                 subcategory=tags["subcategory"][p], title=title, text=text))
     return products
@@ -184,7 +197,8 @@ def build_synthetic_cir(catalogue, out_dir: str | Path, split: str = "val", per_
     if max_gallery is not None:
         products = products[:max_gallery]
     if len({p.image for p in products}) != len(products):
-        raise ValueError("product ids are not unique in this catalogue; they name the images")
+        raise ValueError("product ids are not unique in this catalogue (after making them file-safe); "
+                         "they name the images")
     rng = random.Random(seed)
     out = Path(out_dir)
     for sub in ("captions", "image_splits", "images"):
