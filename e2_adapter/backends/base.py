@@ -94,11 +94,18 @@ class VisionBackend(ABC):
     def logit_scale(self) -> nn.Parameter | None:
         return getattr(self.model, "logit_scale", None)
 
+    @abstractmethod
+    def compute_weight(self) -> torch.Tensor:
+        """A weight the tower computes with (the patch embedding): its dtype is the activations' dtype.
+
+        Not the first parameter: fp16 converters (``clip.model.convert_weights``, open_clip's
+        ``convert_weights_to_lp``) leave ``class_embedding``, positions and norms in fp32."""
+
     def parameter_dtype(self) -> torch.dtype:
-        return next(self.tower.parameters()).dtype
+        return self.compute_weight().dtype
 
     def parameter_device(self) -> torch.device:
-        return next(self.tower.parameters()).device
+        return self.compute_weight().device
 
 
 def patch_embed(conv1: nn.Conv2d, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,

@@ -46,6 +46,9 @@ class ConvViTBackend(VisionBackend):
     def tower_output(self, out, **kwargs):
         return out.image
 
+    def compute_weight(self):
+        return self.tower.conv1.weight
+
     def embed(self, images, **kwargs):
         t = self.tower
         return patch_embed(t.conv1, t.class_embedding, t.positional_embedding, images)

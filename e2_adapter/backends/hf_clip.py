@@ -52,8 +52,11 @@ class HFClipBackend(VisionBackend):
     def embed_dim(self):
         return self.model.visual_projection.out_features
 
+    def compute_weight(self):
+        return self.tower.embeddings.patch_embedding.weight
+
     def embed(self, images, interpolate_pos_encoding: bool = False, **kwargs):
-        dtype = self.tower.embeddings.patch_embedding.weight.dtype
+        dtype = self.compute_weight().dtype
         return self.tower.embeddings(images.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
 
     def pre_norm(self, x):
