@@ -113,3 +113,72 @@ def test_low_precision_conversion_after_wrapping(images, one_thread):
     same = (out.selections == expected.selections).flatten(1).all(1)
     assert same.any()
     assert_close_relative(out.image[same], expected.image[same], 5e-3, "encode_image")
+
+
+# --- DataParallel -----------------------------------------------------------------------------------
+
+def replicate_on_cpu(model, n, monkeypatch):
+    """torch.nn.parallel.replicate, the function DataParallel calls, run on CPU.
+
+    replicate refuses CPU devices, so only its device copy is emulated (each replica gets autograd-linked
+    clones, as Broadcast gives); the module copying, where a shared forward would leak, is torch's own."""
+    import torch.nn.parallel.replicate  # noqa: F401  (the submodule, not the function of that name)
+    import sys
+    rep = sys.modules["torch.nn.parallel.replicate"]
+    monkeypatch.setattr(rep, "_get_device_index", lambda device, optional=False: device)
+    monkeypatch.setattr(rep, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [[t.detach().clone() if detach else t.clone()
+                                                                 for t in tensors] for _ in devices])
+    return rep.replicate(model, list(range(n)))
+
+
+def a_block_weight(model):
+    tower = e2_adapter.get_backend(model).tower
+    blocks = tower.encoder.layers if hasattr(tower, "encoder") else tower.transformer.resblocks
+    return next(p for n, p in blocks[0].named_parameters(recurse=True) if n.endswith("weight") and p.dim() == 2)
+
+
+def replica_weight(replica, original_model, original_weight):
+    """The replica's tensor standing where ``original_weight`` is in the original (replicas hold
+    their weights as plain attributes, not parameters)."""
+    names = {id(p): n for n, p in original_model.named_parameters()}
+    obj = replica
+    *path, leaf = names[id(original_weight)].split(".")
+    for part in path:
+        obj = getattr(obj, part)
+    return getattr(obj, leaf)
+
+
+@pytest.mark.parametrize("preset", ("gated", "faithful"))
+def test_data_parallel_replicas_run_their_own_weights(family, preset, images, monkeypatch, one_thread):
+    model = e2_adapter.wrap(make_tiny(family), preset=preset)
+    encode = lambda m: e2_adapter.get_backend(m).encode_image(images)
+    with torch.no_grad():
+        expected = encode(model)
+        replicas = replicate_on_cpu(model, 2, monkeypatch)
+        replica_out = encode(replicas[0])
+        for replica in replicas:
+            assert e2_adapter.is_wrapped(replica)
+            # not bit-equal: with the gated mask torch's attention takes another kernel for weights that
+            # do not require grad (a replica's, under no_grad); the difference is float rounding (1e-6)
+            assert torch.allclose(encode(replica), expected, atol=1e-5)
+
+        adapter = e2_adapter.get_adapter(model)
+        # a CLIP weight, and an E2 one that reaches encode_image (gated: the tokens only through the gate)
+        for weight in (a_block_weight(model), adapter.gate if adapter.gate is not None else adapter.tokens):
+            replicas = replicate_on_cpu(model, 2, monkeypatch)
+            w = replica_weight(replicas[1], model, weight)
+            w.add_(0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+            changed = encode(replicas[1])
+            assert not torch.allclose(changed, expected, atol=1e-2)  # the replica ran its own, changed weight
+            assert torch.equal(encode(replicas[0]), replica_out)
+            assert torch.equal(encode(model), expected)
+
+
+def test_data_parallel_replica_gradients_reach_the_original(images, monkeypatch, one_thread):
+    model = e2_adapter.wrap(make_tiny("open_clip")).train()
+    replica = replicate_on_cpu(model, 2, monkeypatch)[1]
+    e2_adapter.encode_image_regions(replica, images).regions["brand"].sum().backward()
+    adapter = e2_adapter.get_adapter(model)
+    assert adapter.tokens.grad is not None and adapter.tokens.grad.abs().sum() > 0
+    assert a_block_weight(model).grad is not None

@@ -9,9 +9,9 @@ from .base import VisionBackend, patch_embed
 
 
 class ConvViTBackend(VisionBackend):
-    @property
-    def tower(self) -> nn.Module:
-        return self.model.visual
+    @staticmethod
+    def find_tower(model: nn.Module) -> nn.Module:
+        return model.visual
 
     @property
     def width(self) -> int:
