@@ -13,6 +13,20 @@ from torch import nn
 from .config import E2Config
 
 
+def linear_as(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` computed in x's dtype: a half-precision CLIP feeds fp16 activations to E2's layers
+    whatever dtype their weights were kept in (the cast is differentiable, so fp32 weights still train)."""
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
+def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm computed in fp32 and returned in x's dtype, as CLIP's own mixed-precision norms do."""
+    weight = norm.weight.float() if norm.weight is not None else None
+    bias = norm.bias.float() if norm.bias is not None else None
+    return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+
+
 def hard_select(scores: torch.Tensor, tau: float, training: bool) -> torch.Tensor:
     """One-hot choice over the last dim.
 
@@ -46,10 +60,10 @@ class FusionBlock(nn.Module):
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor, tau: float = 1.0):
         """tokens [B,S,W], patches [B,N,W] -> (fused tokens [B,S,W], chosen patch index [B,S])."""
         # q.k^T folded as (q W_k) p^T: S queries meet the key weights instead of N patches (same scores).
-        scores = (self.query(tokens) @ self.key.weight.to(tokens.dtype)) @ patches.transpose(1, 2) * self.scale
+        scores = (linear_as(tokens, self.query) @ self.key.weight.to(tokens.dtype)) @ patches.transpose(1, 2) * self.scale
         choice = hard_select(scores, tau, self.training)
         # value() is linear, so selecting before projecting equals projecting every patch, at S/N the cost.
-        chosen = self.value(choice @ patches)
+        chosen = linear_as(choice.to(patches.dtype) @ patches, self.value)
         return (chosen + tokens) / 2, choice.argmax(-1)
 
 
@@ -77,7 +91,8 @@ class RegionHeads(nn.Module):
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """tokens [B, S, W] entity-major -> {entity: [B, D]}."""
         grouped = tokens.unflatten(1, (len(self.entities), self.tokens_per_entity))
-        return {e: self.projs[e](self.norms[e](grouped[:, i]).mean(1)) for i, e in enumerate(self.entities)}
+        return {e: linear_as(layer_norm_fp32(grouped[:, i], self.norms[e]).mean(1), self.projs[e])
+                for i, e in enumerate(self.entities)}
 
 
 class E2Adapter(nn.Module):

@@ -8,16 +8,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import nn
 
+from .backends import BACKENDS
 from .backends.base import VisionBackend
 from .modules import E2Adapter
 
 
 @dataclass
 class E2Output:
-    image: torch.Tensor                 # [B, D] global embedding (what encode_image returns)
+    image: torch.Tensor | None          # [B, D] global embedding (what encode_image returns); None if not projected
     regions: dict[str, torch.Tensor]    # entity -> [B, D]
     selections: torch.Tensor            # [B, F, S] patch index chosen by each token in each fusion block
     pooled: torch.Tensor                # [B, W] normalised CLS before the projection
@@ -34,7 +37,8 @@ def gated_mask(num_tokens: int, length: int, dtype: torch.dtype, device) -> torc
     return mask
 
 
-def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor, **embed_kwargs) -> E2Output:
+def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor, project: bool = True,
+               **embed_kwargs) -> E2Output:
     x = backend.embed(images, **embed_kwargs)
     batch = x.shape[0]
     num_tokens = adapter.tokens.shape[0]
@@ -65,20 +69,51 @@ def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor,
     pooled = backend.final_norm(cls)
     selections = torch.stack(selections, dim=1) if selections else \
         torch.empty(batch, 0, num_tokens, dtype=torch.long, device=x.device)
-    return E2Output(image=backend.project(pooled), regions=adapter.heads(tokens),
+    return E2Output(image=backend.project(pooled) if project else None, regions=adapter.heads(tokens),
                     selections=selections, pooled=pooled, tokens=x)
 
 
-class E2VisionForward:
-    """Installed as the vision tower's ``forward``. A small picklable object rather than a closure,
-    so a wrapped model survives ``copy.deepcopy``, ``pickle`` and ``torch.compile``."""
+class E2Tower:
+    """Laid over a vision tower's own class by ``wrap`` (``tower.__class__`` becomes a subclass made
+    once per tower class), so E2's forward is a method of the module it is called on: a DataParallel
+    replica or a shallow copy runs its own weights, not the original's. ``unwrap`` restores the class.
+    """
+    _e2_base: ClassVar[type]  # the tower's own class
 
-    def __init__(self, backend: VisionBackend):
-        self.backend = backend
-
-    def __call__(self, images: torch.Tensor | None = None, *args, **kwargs):
+    def forward(self, images: torch.Tensor | None = None, *args, **kwargs):
         if images is None:  # transformers calls vision_model(pixel_values=...)
             images = kwargs.pop("pixel_values")
         embed_kwargs = {k: kwargs[k] for k in ("interpolate_pos_encoding",) if k in kwargs}
-        out = e2_forward(self.backend, self.backend.tower.e2, images, **embed_kwargs)
-        return self.backend.tower_output(out)
+        backend = BACKENDS[self.e2.config.family].at_tower(self)
+        out = e2_forward(backend, self.e2, images, project=backend.tower_projects, **embed_kwargs)
+        return backend.tower_output(out)
+
+    def __reduce_ex__(self, protocol):
+        # The subclass is made at run time, so pickle and deepcopy rebuild it from the tower's own class.
+        return _rebuild_e2_tower, (self._e2_base,), self.__getstate__()
+
+
+_E2_TOWER_CLASSES: dict[type, type] = {}
+
+
+def e2_tower_class(base: type) -> type:
+    """The E2 subclass of a tower class (one per class, so isinstance checks keep holding)."""
+    if base not in _E2_TOWER_CLASSES:
+        _E2_TOWER_CLASSES[base] = type(f"E2{base.__name__}", (E2Tower, base),
+                                       {"_e2_base": base, "__module__": __name__})
+    return _E2_TOWER_CLASSES[base]
+
+
+def _rebuild_e2_tower(base: type) -> nn.Module:
+    cls = e2_tower_class(base)
+    return cls.__new__(cls)
+
+
+def install(tower: nn.Module, adapter: E2Adapter) -> None:
+    tower.e2 = adapter
+    tower.__class__ = e2_tower_class(type(tower))
+
+
+def uninstall(tower: nn.Module) -> None:
+    tower.__class__ = tower._e2_base
+    del tower.e2

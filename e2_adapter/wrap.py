@@ -1,47 +1,55 @@
 """Lay E2 into a CLIP in place, take it out again, and the small utilities around that.
 
 After ``wrap(model)`` the vision tower has a child ``e2`` (all new parameters, state-dict prefix
-``<tower>.e2.``) and an instance-level ``forward`` that runs the E2 tower; nothing else changes, so
-the original state-dict keys, peft target names and ``encode_image``/``encode_text`` stay as they were.
+``<tower>.e2.``) and its class is a subclass of its own (``tower.E2Tower``) whose ``forward`` runs the
+E2 tower; nothing else changes, so the original state-dict keys, peft target names, isinstance checks
+and ``encode_image``/``encode_text`` stay as they were.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .backends import VisionBackend, backend_for, unwrap_peft
+from .backends import BACKENDS, VisionBackend, backend_for, unwrap_peft
 from .config import DEFAULT_PRESET, E2Config
 from .modules import E2Adapter
-from .tower import E2Output, E2VisionForward, e2_forward
+from . import tower as e2_tower
+from .tower import E2Output, E2Tower, e2_forward
 
 
 class NotWrappedError(ValueError):
     pass
 
 
-def _installed_forward(model: nn.Module) -> E2VisionForward | None:
+def _wrapped_tower(model: nn.Module) -> nn.Module | None:
     for module in unwrap_peft(model).modules():
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, E2VisionForward):
-            return fwd
+        if isinstance(module, E2Tower):
+            return module
     return None
 
 
+def _require_wrapped(model: nn.Module) -> nn.Module:
+    tower = _wrapped_tower(model)
+    if tower is None:
+        raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2: call e2_adapter.wrap(model) first")
+    return tower
+
+
 def is_wrapped(model: nn.Module) -> bool:
-    return _installed_forward(model) is not None
+    return _wrapped_tower(model) is not None
 
 
 def get_backend(model: nn.Module) -> VisionBackend:
-    """The family backend of a wrapped model (for trainers: encode_text, logit_scale, ...)."""
-    fwd = _installed_forward(model)
-    return fwd.backend if fwd is not None else backend_for(model)
+    """The family backend of a (wrapped) model (for trainers: encode_text, logit_scale, ...).
+    Given a wrapped tower alone, a backend rooted at that tower."""
+    tower = _wrapped_tower(model)
+    if tower is unwrap_peft(model):
+        return BACKENDS[tower.e2.config.family].at_tower(tower)
+    return backend_for(model)
 
 
 def get_adapter(model: nn.Module) -> E2Adapter:
-    fwd = _installed_forward(model)
-    if fwd is None:
-        raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2: call e2_adapter.wrap(model) first")
-    return fwd.backend.tower.e2
+    return _require_wrapped(model).e2
 
 
 def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, preset: str | None = None,
@@ -71,9 +79,7 @@ def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, pre
     adapter.to(device=backend.parameter_device(), dtype=backend.parameter_dtype())
     adapter.train(backend.tower.training)
 
-    tower = backend.tower
-    tower.e2 = adapter
-    tower.forward = E2VisionForward(backend)
+    e2_tower.install(backend.tower, adapter)
     return model
 
 
@@ -83,21 +89,19 @@ def _detached(t):
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Remove E2 in place: the model computes exactly its original forward again. Returns it."""
-    fwd = _installed_forward(model)
-    if fwd is None:
+    tower = _wrapped_tower(model)
+    if tower is None:
         raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2; nothing to unwrap")
-    tower = fwd.backend.tower
-    del tower.forward  # the class's own forward shows through again
-    del tower.e2
+    e2_tower.uninstall(tower)  # the class's own forward is back
     return model
 
 
 def encode_image_regions(model: nn.Module, images: torch.Tensor, **kwargs) -> E2Output:
     """Global embedding, one embedding per entity, and the patches each token selected."""
-    fwd = _installed_forward(model)
-    if fwd is None:
-        raise NotWrappedError(f"{type(model).__name__} is not wrapped with E2: call e2_adapter.wrap(model) first")
-    return e2_forward(fwd.backend, fwd.backend.tower.e2, images, **kwargs)
+    tower = _require_wrapped(model)
+    backend = get_backend(model)
+    return e2_forward(backend, tower.e2, images, project=backend.model is not None or backend.tower_projects,
+                      **kwargs)
 
 
 def adapter_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

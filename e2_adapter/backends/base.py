@@ -4,6 +4,9 @@ A backend wraps a *model* (the object the user passed to ``wrap``) and exposes i
 five steps: embed the image into tokens, the pre-norm, run blocks [start, end), the final norm and
 the projection. Block modules are looked up on every call, never cached, so peft LoRA layers
 injected before or after wrapping are always the ones that run.
+
+``at_tower(tower)`` gives a backend rooted at one tower module and nothing else: the installed
+forward builds one for the module it is called on, so a DataParallel replica runs its own weights.
 """
 from __future__ import annotations
 
@@ -20,9 +23,19 @@ class UnsupportedModelError(TypeError):
 
 class VisionBackend(ABC):
     family: ClassVar[str]
+    # Whether the tower's own forward returns the projected embedding (open_clip, OpenAI) or the
+    # normalised CLS that the model projects outside the tower (HF): a tower-rooted backend can only
+    # project in the first case.
+    tower_projects: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | None, tower: nn.Module | None = None):
         self.model = model
+        self._tower = tower
+
+    @classmethod
+    def at_tower(cls, tower: nn.Module) -> "VisionBackend":
+        """A backend for this tower alone (its model is not known: no encode_image / encode_text)."""
+        return cls(None, tower)
 
     # --- detection -------------------------------------------------------------------------
     @classmethod
@@ -35,10 +48,14 @@ class VisionBackend(ABC):
         """Raise UnsupportedModelError naming the model and the reason if E2 cannot be laid in."""
 
     # --- the tower -------------------------------------------------------------------------
-    @property
+    @staticmethod
     @abstractmethod
+    def find_tower(model: nn.Module) -> nn.Module:
+        """The model's vision tower module: it gets the ``e2`` child and E2's forward."""
+
+    @property
     def tower(self) -> nn.Module:
-        """The vision tower module: it gets the ``e2`` child and the patched forward."""
+        return self._tower if self._tower is not None else self.find_tower(self.model)
 
     @property
     @abstractmethod
@@ -94,11 +111,18 @@ class VisionBackend(ABC):
     def logit_scale(self) -> nn.Parameter | None:
         return getattr(self.model, "logit_scale", None)
 
+    @abstractmethod
+    def compute_weight(self) -> torch.Tensor:
+        """A weight the tower computes with (the patch embedding): its dtype is the activations' dtype.
+
+        Not the first parameter: fp16 converters (``clip.model.convert_weights``, open_clip's
+        ``convert_weights_to_lp``) leave ``class_embedding``, positions and norms in fp32."""
+
     def parameter_dtype(self) -> torch.dtype:
-        return next(self.tower.parameters()).dtype
+        return self.compute_weight().dtype
 
     def parameter_device(self) -> torch.device:
-        return next(self.tower.parameters()).device
+        return self.compute_weight().device
 
 
 def patch_embed(conv1: nn.Conv2d, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,

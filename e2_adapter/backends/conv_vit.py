@@ -9,9 +9,9 @@ from .base import VisionBackend, patch_embed
 
 
 class ConvViTBackend(VisionBackend):
-    @property
-    def tower(self) -> nn.Module:
-        return self.model.visual
+    @staticmethod
+    def find_tower(model: nn.Module) -> nn.Module:
+        return model.visual
 
     @property
     def width(self) -> int:
@@ -45,6 +45,9 @@ class ConvViTBackend(VisionBackend):
 
     def tower_output(self, out, **kwargs):
         return out.image
+
+    def compute_weight(self):
+        return self.tower.conv1.weight
 
     def embed(self, images, **kwargs):
         t = self.tower

@@ -17,6 +17,7 @@ def _takes_causal_mask(layer_type: type) -> bool:
 
 class HFClipBackend(VisionBackend):
     family = "hf"
+    tower_projects = False  # vision_model returns pooler_output; the model applies visual_projection
 
     @classmethod
     def claims(cls, model) -> bool:
@@ -36,9 +37,9 @@ class HFClipBackend(VisionBackend):
                 not hasattr(tower.embeddings, "class_embedding"):
             raise UnsupportedModelError(f"{name}'s vision tower is not a CLIP ViT with a class token.")
 
-    @property
-    def tower(self):
-        return self.model.vision_model
+    @staticmethod
+    def find_tower(model):
+        return model.vision_model
 
     @property
     def width(self):
@@ -52,8 +53,11 @@ class HFClipBackend(VisionBackend):
     def embed_dim(self):
         return self.model.visual_projection.out_features
 
+    def compute_weight(self):
+        return self.tower.embeddings.patch_embedding.weight
+
     def embed(self, images, interpolate_pos_encoding: bool = False, **kwargs):
-        dtype = self.tower.embeddings.patch_embedding.weight.dtype
+        dtype = self.compute_weight().dtype
         return self.tower.embeddings(images.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
 
     def pre_norm(self, x):
