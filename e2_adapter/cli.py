@@ -90,12 +90,13 @@ def cmd_synth(args) -> None:
 
 def cmd_train(args) -> None:
     from .training.distributed import init_distributed
-    from .training.trainer import Trainer
+    from .training.trainer import Trainer, pick_device
     cfg = train_config_from(args)
+    pick_device(cfg.device)  # a device that is not there is an error before any work
     init_distributed()
     if getattr(args, "encoder_seed", None) is None:
         args.encoder_seed = cfg.seed  # so two runs with one --seed start from one random model
-    bundle = load_encoder(args)
+    bundle = load_encoder(args, device="cpu")  # the trainer moves it to its device
     train = open_catalogue(args, args.train, cfg.entities, "train")
     val = open_catalogue(args, args.val, cfg.entities, "test") if args.val else None
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg, args.out, bundle.family)

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CONFIG_NAME, E2Config
+from .config import CONFIG_NAME, CONFIG_VERSION, E2Config
 from .wrap import get_adapter, get_backend, is_wrapped, unwrap, wrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-SUPPORTED_VERSIONS = (1,)  # adapter_config.json "version" values this code reads
+SUPPORTED_VERSIONS = tuple(range(1, CONFIG_VERSION + 1))  # adapter_config.json "version" values this code reads (1 is migrated)
 BASE_HASH_KEY = "base_model_sha256"  # safetensors metadata: the base weights the adapter was saved with
 
 

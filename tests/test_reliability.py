@@ -233,7 +233,10 @@ def test_a_real_process_shows_no_traceback(synth, tmp_path):
 
 def test_seed_seeds_a_randomly_initialised_base_model():
     args = cli.build_parser().parse_args(["train", "--model", "tiny", "--train", "x", "--out", "y"])
-    a, b, c = (cli.load_bundle(args, seed=s).model.state_dict() for s in (3, 3, 4))
+    def base(seed):
+        args.encoder_seed = seed  # what cmd_train sets from --seed
+        return cli.load_encoder(args).model.state_dict()
+    a, b, c = (base(s) for s in (3, 3, 4))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -368,13 +371,14 @@ def test_damaged_adapter_files_are_errors_naming_the_file(saved_adapter, damage,
 
 
 @pytest.mark.parametrize("wrapped_with", [
-    {"fusion_after": (2, 5)}, {"drop_patches": False}, {"gated": True}, {"qk_rank": 8}, {"tokens_per_entity": 3},
+    {"fusion_after": (2, 5)}, {"preset": "gated"}, {"qk_rank": 8}, {"tokens_per_entity": 3},
 ])
 def test_loading_into_a_wrapped_model_compares_every_forward_field(saved_adapter, wrapped_with):
     from e2_adapter.config import E2Config
     model = create_clip("open_clip", "tiny", seed=0).model
-    e2_adapter.wrap(model, config=E2Config.from_preset("faithful", **wrapped_with))
-    with pytest.raises(AdapterMismatchError, match=next(iter(wrapped_with))):
+    e2_adapter.wrap(model, config=E2Config.from_preset(wrapped_with.pop("preset", "faithful"), **wrapped_with))
+    # The gated preset differs in gated and drop_patches; the first differing field is named.
+    with pytest.raises(AdapterMismatchError, match=next(iter(wrapped_with), "drop_patches|gated")):
         load_adapter(model, saved_adapter)
 
 
