@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from .config import E2Config
 from .io import save_adapter
 from .wrap import get_adapter, get_backend, is_wrapped, wrap
 from .zoo import ClipBundle, architecture_of, build_architecture, remember_source, source_of
+from .files import atomic_write
 
 CONFIG_FILE = "e2_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,17 +49,6 @@ def _merged(model: nn.Module) -> nn.Module:
     if callable(getattr(model, "merge_and_unload", None)):
         return copy.deepcopy(model).merge_and_unload()
     return unwrap_peft(model)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, source: dict | None = None) -> Path:
@@ -85,12 +74,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, source: d
               "image_size": int(source["image_size"]), "tokenizer": source["tokenizer"],
               "architecture": architecture_of(plain, family), "adapter": adapter}
     state = {k: v.detach().contiguous().cpu().clone() for k, v in plain.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE,
+    atomic_write(directory / WEIGHTS_FILE,
                   lambda tmp: save_file(state, tmp, metadata={"format": "pt", "library": "e2-adapter"}))
     if adapter is not None:
         save_adapter(plain, directory / ADAPTER_DIR)
     # The config last: a folder with a config always has the weights that go with it.
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

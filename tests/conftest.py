@@ -79,3 +79,20 @@ def assert_swap_touches_no_weights(decoder: nn.Module, caption, encoders, images
         assert torch.equal(v, saved_decoder[k]), k
     for m, saved in zip(encoders, saved_encoders):
         assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())
+
+
+@pytest.fixture
+def crash_trainer_at(monkeypatch):
+    """``crash_trainer_at(step)``: the next training run is killed (KeyboardInterrupt) right after
+    logging ``step``; call the returned ``undo()`` to let the following runs through."""
+    from e2_adapter.training.trainer import Trainer
+    original = Trainer.log_step
+
+    def arm(step: int):
+        def crashing(self, *args):
+            original(self, *args)
+            if self.state.step == step:
+                raise KeyboardInterrupt("simulated kill")
+        monkeypatch.setattr(Trainer, "log_step", crashing)
+        return lambda: monkeypatch.setattr(Trainer, "log_step", original)
+    return arm

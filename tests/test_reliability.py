@@ -313,17 +313,11 @@ def test_nan_names_a_checkpoint_that_exists(synth, tmp_path, monkeypatch, checkp
     assert (tmp_path / "checkpoint_last.pt").exists() == bool(checkpoint_every)
 
 
-def test_resume_does_not_repeat_logged_steps(synth, tmp_path, monkeypatch):
-    original = Trainer.log_step
-
-    def crash_at_step_3(self, *args):
-        original(self, *args)
-        if self.state.step == 3:
-            raise KeyboardInterrupt("simulated kill")
-    monkeypatch.setattr(Trainer, "log_step", crash_at_step_3)
+def test_resume_does_not_repeat_logged_steps(synth, tmp_path, crash_trainer_at):
+    undo = crash_trainer_at(3)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(synth, tmp_path, checkpoint_every=1, log_every=1).fit()
-    monkeypatch.setattr(Trainer, "log_step", original)
+    undo()
     assert steps_logged(tmp_path) == [1, 2, 3]  # step 3 was logged, its checkpoint never written
     make_trainer(synth, tmp_path, checkpoint_every=1, log_every=1).fit(resume=True)
     assert steps_logged(tmp_path) == [1, 2, 3, 4]

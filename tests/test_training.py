@@ -62,21 +62,15 @@ def test_stage1_trains_only_e2_and_stage2_everything(synth, tmp_path):
     assert [s.name for s in clip_ft.stages] == ["stage2"]  # no new parameters, no stage 1
 
 
-def test_kill_and_resume_equals_uninterrupted(synth, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(synth, tmp_path, crash_trainer_at):
     reference = make_trainer(synth, tmp_path / "a", checkpoint_every=1)
     reference.fit()
 
     crashing = make_trainer(synth, tmp_path / "b", checkpoint_every=1)
-    original = Trainer.log_step
-
-    def crash_at_step_4(self, *args):
-        original(self, *args)
-        if self.state.step == 4:
-            raise KeyboardInterrupt("simulated kill")
-    monkeypatch.setattr(Trainer, "log_step", crash_at_step_4)
+    undo = crash_trainer_at(4)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
-    monkeypatch.setattr(Trainer, "log_step", original)
+    undo()
 
     resumed = make_trainer(synth, tmp_path / "b", checkpoint_every=1)
     resumed.fit(resume=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from .classify import embed_images, eval_mode
 from .images import CatalogueImages
 from .tag import tag
 from .vocab import vocabulary_from_catalogue
+from ..files import atomic_write
 
 INDEX_FILE = "index.json"
 METADATA_FILE = "metadata.jsonl"
@@ -49,17 +49,6 @@ class Hit:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _faiss():
@@ -125,10 +114,10 @@ def build_index(model, catalogue: ProductCatalogue, directory: str | os.PathLike
         def write_npy(tmp):
             with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
                 np.save(f, array)
-        _atomic(directory / name, write_npy)
+        atomic_write(directory / name, write_npy)
     else:
         from safetensors.numpy import save_file
-        _atomic(directory / name, lambda tmp: save_file({"image": array}, tmp))
+        atomic_write(directory / name, lambda tmp: save_file({"image": array}, tmp))
     ids, texts, tags = catalogue.product_ids(), catalogue.texts(), catalogue.all_tags()
 
     def write_metadata(tmp):
@@ -137,14 +126,14 @@ def build_index(model, catalogue: ProductCatalogue, directory: str | os.PathLike
                 f.write(json.dumps({"product_id": ids[p], "text": texts[p],
                                     "tags": {e: v[p] for e, v in tags.items()}, "predicted": predicted[p]},
                                    ensure_ascii=False) + "\n")
-    _atomic(directory / METADATA_FILE, write_metadata)
+    atomic_write(directory / METADATA_FILE, write_metadata)
     if faiss:
         index = build_faiss(array, faiss)
-        _atomic(directory / FAISS_FILE, lambda tmp: _faiss().write_index(index, tmp))
+        atomic_write(directory / FAISS_FILE, lambda tmp: _faiss().write_index(index, tmp))
     config = {"format": INDEX_FORMAT, "version": 1, "count": len(array), "dim": int(array.shape[1]),
               "embeddings": name, "faiss": faiss, "encoder": encoder, "source": source_of(model),
               "embedding": "L2-normalised global image embedding of each product's first view"}
-    _atomic(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return CatalogueIndex.load(directory)
 
 
