@@ -96,3 +96,12 @@ def crash_trainer_at(monkeypatch):
         monkeypatch.setattr(Trainer, "log_step", crashing)
         return lambda: monkeypatch.setattr(Trainer, "log_step", original)
     return arm
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on now, for torch.distributed rendezvous (never a fixed one)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

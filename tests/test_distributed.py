@@ -4,7 +4,6 @@ Fast tests check the loss shares in one process; the slow one spawns 2 gloo proc
 compares the trainer's objective under DDP with one process on the concatenated batch, and a catalogue
 embedded in shards across the 2 processes with one process embedding all of it.
 """
-import socket
 
 import pytest
 import torch
@@ -151,18 +150,12 @@ def _worker(rank, port, out_dir, catalogue_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, one_thread):
+def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, one_thread, free_port):
     import torch.multiprocessing as mp
     from e2_adapter.data import write_fashionsynth
     _, catalogue_path = write_fashionsynth(tmp_path / "synth", products=8, val_products=9, seed=0, image_size=32)
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), str(catalogue_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, str(tmp_path), str(catalogue_path)), nprocs=WORLD, join=True)
     one_process_embeddings = _embeddings(catalogue_path, distributed=False)
     images, texts, tags = _batch()
     order = [i for rows in partition(len(texts), WORLD) for i in rows]  # the gathered batch's row order

@@ -126,11 +126,12 @@ def test_lora_stage2_trains_lora_and_e2_only(synth, tmp_path):
     assert any("lora_" in n and p.requires_grad for n, p in trainer.model.named_parameters())
 
 
-def test_cli_train_eval_and_ddp_two_processes(synth, tmp_path):
+@pytest.mark.slow  # torchrun with two processes, then two CLI subprocesses
+def test_cli_train_eval_and_ddp_two_processes(synth, tmp_path, free_port):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--family", "open_clip", "--model", "tiny", "--train", synth[0], "--batch-size", "16",
               "--stage1-steps", "1", "--stage2-steps", "2", "--warmup-steps", "1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            "-m", "e2_adapter.cli", "train", *common, "--val", synth[1], "--out", str(tmp_path / "ddp")]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
