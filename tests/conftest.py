@@ -105,3 +105,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """``nan_loss_at(n)``: the trainer's n-th E2 loss comes out NaN (a diverging run)."""
+    import e2_adapter.training.trainer as trainer_module
+    real, calls = trainer_module.e2_loss, {"n": 0}
+
+    def arm(n: int):
+        def poisoned(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == n:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        monkeypatch.setattr(trainer_module, "e2_loss", poisoned)
+    return arm

@@ -297,17 +297,8 @@ def test_stale_temporaries_are_removed_and_others_kept(synth, tmp_path):
     (1, r"last good checkpoint is .*checkpoint_last.pt \(step 2\)"),
     (0, "no checkpoint was written yet"),
 ])
-def test_nan_names_a_checkpoint_that_exists(synth, tmp_path, monkeypatch, checkpoint_every, message):
-    import e2_adapter.training.trainer as t
-    real, calls = t.e2_loss, {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-    monkeypatch.setattr(t, "e2_loss", poisoned)
+def test_nan_names_a_checkpoint_that_exists(synth, tmp_path, nan_loss_at, checkpoint_every, message):
+    nan_loss_at(3)
     with pytest.raises(TrainingDiverged, match=message):
         make_trainer(synth, tmp_path, stage1_steps=4, checkpoint_every=checkpoint_every).fit()
     assert (tmp_path / "checkpoint_last.pt").exists() == bool(checkpoint_every)

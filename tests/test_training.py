@@ -88,19 +88,9 @@ def test_validation_keeps_best_and_saves_adapter(synth, tmp_path):
     assert (tmp_path / "best" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(synth, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(synth, tmp_path, nan_loss_at):
     trainer = make_trainer(synth, tmp_path, checkpoint_every=1)
-    import e2_adapter.training.trainer as t
-    real = t.e2_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-    monkeypatch.setattr(t, "e2_loss", poisoned)
+    nan_loss_at(3)
     with pytest.raises(TrainingDiverged, match="checkpoint_last.pt"):
         trainer.fit()
     ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
