@@ -94,6 +94,7 @@ def prepare(setting: Setting, out: Path, prepared: Path | None = None) -> tuple[
 
 def pretrain_base(setting: Setting, train_path: Path, path: Path, work: Path) -> None:
     """A plain CLIP trained from scratch on coarse captions (seed 0), saved as a state dict."""
+    from .training.checkpoint import atomic_torch_save
     from .training.trainer import Trainer
     steps = setting.pretrain_steps
     bundle = create_clip("open_clip", setting.model, seed=0, image_size=setting.data.image_size)
@@ -102,9 +103,7 @@ def pretrain_base(setting: Setting, train_path: Path, path: Path, work: Path) ->
                       batch_size=setting.pretrain_batch, warmup_steps=max(steps // 20, 1), seed=0,
                       log_every=max(steps // 20, 1))
     Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, coarse, None, cfg, work, "open_clip").fit(overwrite=True)
-    tmp = path.with_suffix(".partial")
-    torch.save(bundle.model.state_dict(), tmp)
-    tmp.replace(path)
+    atomic_torch_save(bundle.model.state_dict(), path)
 
 
 def base_model(setting: Setting, base: Path):

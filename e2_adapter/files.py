@@ -8,9 +8,13 @@ from typing import Callable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one step."""
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one step.
+
+    The temporary file is named ``.<name>.<random>.tmp``, so a later run can recognise and remove
+    what a kill left behind (``training.checkpoint.remove_stale_temporaries``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)

@@ -9,28 +9,19 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import atomic_write
+
 TMP_SUFFIX = ".tmp"
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A recognisable name (".<target>.<random>.tmp"), so a later run can remove what a kill left behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return Path(path)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
