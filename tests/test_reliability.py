@@ -503,7 +503,7 @@ def _train_and_die(synth, out, kill_step, during_write):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synth, tmp_path_factory):
+def uninterrupted(synth, tmp_path_factory, one_thread):  # one thread, as the killed children run
     out = tmp_path_factory.mktemp("uninterrupted")
     trainer = make_trainer(synth, out, **KILL_RECIPE)
     trainer.fit()
