@@ -38,7 +38,7 @@ def add_data_flags(p: argparse.ArgumentParser, *names: str) -> None:
     p.add_argument("--encoding", default=None,
                    help="text encoding of the data file (default: latin-1 for fashiongen h5, utf-8 for manifests)")
     p.add_argument("--skip-bad-images", action="store_true",
-                   help="manifest: skip unreadable or empty image files (with a warning) instead of stopping")
+                   help="manifest / amazon: skip unreadable or empty image files (with a warning) instead of stopping")
 
 
 def open_catalogue(args, path: str, entities, split: str = "train"):
@@ -49,7 +49,8 @@ def open_catalogue(args, path: str, entities, split: str = "train"):
     if args.format == "amazon":
         if not args.images:
             raise SystemExit("--format amazon needs --images (the folder of <asin>.jpg files)")
-        return AmazonFashion(path, args.images, args.split_file, split=split)
+        return AmazonFashion(path, args.images, args.split_file, split=split,
+                             bad_images="skip" if args.skip_bad_images else "error")
     return ManifestCatalogue(path, image_column=args.image_column, text_column=args.text_column,
                              product_column=args.product_column, tag_columns=tuple(entities),
                              encoding=args.encoding or "utf-8-sig",

@@ -17,7 +17,7 @@ from PIL import Image
 
 import e2_adapter
 from e2_adapter import cli
-from e2_adapter.data import DataFormatError, FashionGenH5, ManifestCatalogue, write_fashionsynth
+from e2_adapter.data import AmazonFashion, DataFormatError, FashionGenH5, ManifestCatalogue, write_fashionsynth
 from e2_adapter.io import (FORWARD_FIELDS, NOT_FORWARD_FIELDS, WEIGHTS_NAME, AdapterFileError, AdapterMismatchError,
                            BaseModelMismatchWarning, load_adapter, save_adapter)
 from e2_adapter.training.checkpoint import (UnsafeCheckpointError, load_checkpoint, rng_state, set_rng_state)
@@ -457,6 +457,25 @@ def test_manifest_images_are_checked_up_front(manifest, damage, message):
         cat = ManifestCatalogue(manifest / "cat.csv", tag_columns=("brand",), bad_images="skip")
     assert cat.product_ids() == ["0", "2"] and [cat.text(p) for p in range(2)] == ["shirt 0", "shirt 2"]
     assert all(cat.load_image(p).size == (8, 8) for p in range(2))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.write_bytes(b""), r"A2.jpg \(empty \(0 bytes\)\)"),
+    (lambda f: f.write_bytes(f.read_bytes()[:60]), r"A2.jpg \(not a readable image"),
+])
+def test_amazon_images_are_checked_up_front(tmp_path, damage, message):
+    (tmp_path / "img").mkdir()
+    records = [{"asin": f"A{i}", "title": f"scarf {i}", "brand": "Acme"} for i in range(1, 4)]
+    (tmp_path / "meta.json").write_text("\n".join(json.dumps(r) for r in records))
+    for i in range(1, 4):
+        Image.new("RGB", (8, 8), (50 * i, 0, 0)).save(tmp_path / "img" / f"A{i}.jpg")
+    damage(tmp_path / "img" / "A2.jpg")
+    with pytest.raises(DataFormatError, match=message + r".*--skip-bad-images"):
+        AmazonFashion(tmp_path / "meta.json", tmp_path / "img")
+    with pytest.warns(UserWarning, match="skipped 1 unusable image file.*2 product"):
+        cat = AmazonFashion(tmp_path / "meta.json", tmp_path / "img", bad_images="skip")
+    assert cat.product_ids() == ["A1", "A3"] and cat.text(1) == "Acme. scarf 3"
+    assert cat.load_image(1).size == (8, 8)
 
 
 def test_latin1_manifest_names_the_file_and_the_encoding_flag(manifest):

@@ -26,15 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 
-from .catalogue import DataFormatError, ImageFileCatalogue
+from .catalogue import DataFormatError, ImageFileCatalogue, examples_of
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_SHOW = 5  # how many offending names an error message lists
-
-
-def _examples(items: list[str]) -> str:
-    more = f" (and {len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-    return ", ".join(items[:_SHOW]) + more
 
 
 def _parse_record_line(line: str, path: Path, lineno: int) -> dict:
@@ -73,7 +67,7 @@ def read_amazon_metadata(path: str | os.PathLike) -> dict[str, dict]:
         bad = [asin for asin, rec in whole.items() if not isinstance(rec, dict)]
         if bad:
             raise DataFormatError(f"{path}: a JSON object must map asin -> record object; "
-                                  f"not an object for {_examples(bad)}.")
+                                  f"not an object for {examples_of(bad)}.")
         records = [{"asin": asin, **rec} for asin, rec in whole.items()]
     elif isinstance(whole, list):
         records = whole
@@ -117,13 +111,17 @@ class AmazonFashion(ImageFileCatalogue):
         image_dir: folder with the images.
         split_file: optional split file; ``split`` names the list in a JSON split file.
         skip_missing: drop products without metadata or images instead of raising.
+        check_images: verify every image file up front (not empty, a readable image), so a bad file
+            is a clear error now rather than a crash mid-epoch.
+        bad_images: "error" (default) stops naming the files; "skip" leaves those views out (and
+            products left with none), with a warning giving the count.
     """
 
     entities = ("brand",)
 
     def __init__(self, metadata: str | os.PathLike, image_dir: str | os.PathLike,
                  split_file: Optional[str | os.PathLike] = None, split: str = "train",
-                 skip_missing: bool = False):
+                 skip_missing: bool = False, check_images: bool = True, bad_images: str = "error"):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise DataFormatError(f"AmazonFashion image folder not found: {self.image_dir}.")
@@ -134,7 +132,7 @@ class AmazonFashion(ImageFileCatalogue):
         if no_meta and not skip_missing:
             raise DataFormatError(
                 f"{len(no_meta)} asin(s) of the split have no metadata in {metadata}: "
-                f"{_examples(no_meta)}. Fix the split, or pass skip_missing=True.")
+                f"{examples_of(no_meta)}. Fix the split, or pass skip_missing=True.")
         self._asins: list[str] = []
         self._records: list[dict] = []
         self._images: list[list[Path]] = []
@@ -152,11 +150,17 @@ class AmazonFashion(ImageFileCatalogue):
         if no_image and not skip_missing:
             raise DataFormatError(
                 f"{len(no_image)} product(s) have no image in {self.image_dir}: "
-                f"{_examples(no_image)}. Expected <asin>.jpg (or the files listed in the record's "
+                f"{examples_of(no_image)}. Expected <asin>.jpg (or the files listed in the record's "
                 f"'images'); download them, or pass skip_missing=True.")
         if not self._asins:
             raise DataFormatError(f"no AmazonFashion product has both metadata and an image "
                                   f"(metadata {metadata}, images {self.image_dir}).")
+        if check_images:
+            self._check_images(self.image_dir, bad_images)
+
+    def _keep_products(self, keep: list[int]) -> None:
+        self._asins = [self._asins[i] for i in keep]
+        self._records = [self._records[i] for i in keep]
 
     def _find_images(self, asin: str, record: dict) -> list[Path]:
         names = record.get("images")

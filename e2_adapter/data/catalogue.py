@@ -9,11 +9,21 @@ tag entity and one or more images (*views*).
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Optional
 
 from PIL import Image
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+
+SHOW = 5  # how many offending names an error message lists
+
+
+def examples_of(items) -> str:
+    """The first few of ``items`` for an error message, with how many more there are."""
+    items = [str(i) for i in items]
+    more = f" (and {len(items) - SHOW} more)" if len(items) > SHOW else ""
+    return ", ".join(items[:SHOW]) + more
 
 
 class DataFormatError(ValueError):
@@ -110,6 +120,34 @@ class ImageFileCatalogue(ProductCatalogue):
         p, view = self._check_view(p, view)
         with Image.open(self._images[p][view]) as im:
             return im.convert("RGB")
+
+    def _keep_products(self, keep: list[int]) -> None:
+        """Keep only products ``keep`` (in order): each reader filters its own per-product lists."""
+        raise NotImplementedError
+
+    def _check_images(self, source, bad_images: str, hint: str = "") -> None:
+        """Check every image file up front, so a bad file is an error now and not a crash mid-epoch.
+
+        ``bad_images``: "error" raises naming the files; "skip" drops those views (and products left
+        with none) with a warning giving the count.
+        """
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+        problems = {p: why for views in self._images for p in views if (why := image_problem(p))}
+        if not problems:
+            return
+        listed = examples_of(f"{p} ({why})" for p, why in problems.items())
+        if bad_images == "error":
+            raise DataFormatError(f"{source}: {len(problems)} image file(s) cannot be used: {listed}. "
+                                  f"{hint}Fix or remove them, or skip them with --skip-bad-images "
+                                  f"(bad_images='skip').")
+        keep = [i for i, views in enumerate(self._images) if any(p not in problems for p in views)]
+        if not keep:
+            raise DataFormatError(f"{source}: no product has a usable image: {listed}")
+        self._images = [[p for p in self._images[i] if p not in problems] for i in keep]
+        self._keep_products(keep)
+        warnings.warn(f"{source}: skipped {len(problems)} unusable image file(s) ({listed}); "
+                      f"{len(keep)} product(s) remain", UserWarning, stacklevel=3)
 
 
 # -- checks shared by the readers -----------------------------------------------------------------

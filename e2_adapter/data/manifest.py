@@ -12,15 +12,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 
-from .catalogue import DataFormatError, ImageFileCatalogue, image_problem
+from .catalogue import SHOW, DataFormatError, ImageFileCatalogue
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-_SHOW = 5
 
 
 def _read_rows(path: Path, fmt: str, encoding: str = "utf-8-sig") -> tuple[list[dict[str, str]], list[str]]:
@@ -88,8 +86,6 @@ class ManifestCatalogue(ImageFileCatalogue):
                  check_images: bool = True, format: Optional[str] = None, bad_images: str = "error",
                  encoding: str = "utf-8-sig"):
         self.path = Path(path)
-        if bad_images not in ("error", "skip"):
-            raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
         if not self.path.is_file():
             raise DataFormatError(f"manifest not found: {self.path}")
         fmt = format or _FORMATS.get(self.path.suffix.lower())
@@ -115,7 +111,7 @@ class ManifestCatalogue(ImageFileCatalogue):
                                   f"tag_columns= names.")
         incomplete = [i for i, r in enumerate(rows) if any(c not in r for c in needed)]
         if incomplete:
-            raise DataFormatError(f"{self.path}: record(s) {incomplete[:_SHOW]} lack some of the "
+            raise DataFormatError(f"{self.path}: record(s) {incomplete[:SHOW]} lack some of the "
                                   f"columns {needed}.")
 
         root = Path(image_root) if image_root is not None else self.path.parent
@@ -136,26 +132,12 @@ class ManifestCatalogue(ImageFileCatalogue):
         self._text_column, self._group_column = text_column, group_column
 
         if check_images:
-            self._check_images(root, bad_images)
+            self._check_images(self.path, bad_images, hint=f"Relative paths are resolved against {root} "
+                                                             f"(image_root= changes that). ")
 
-    def _check_images(self, root: Path, bad_images: str) -> None:
-        problems = {p: why for views in self._images for p in views if (why := image_problem(p))}
-        if not problems:
-            return
-        listed = ", ".join(f"{p} ({why})" for p, why in list(problems.items())[:_SHOW])
-        more = f" (and {len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
-        if bad_images == "error":
-            raise DataFormatError(f"{self.path}: {len(problems)} image file(s) cannot be used: {listed}{more}. "
-                                  f"Relative paths are resolved against {root} (image_root= changes that); "
-                                  f"fix or remove them, or skip them with --skip-bad-images (bad_images='skip').")
-        keep = [i for i, views in enumerate(self._images) if any(p not in problems for p in views)]
-        self._images = [[p for p in self._images[i] if p not in problems] for i in keep]
+    def _keep_products(self, keep: list[int]) -> None:
         self._ids = [self._ids[i] for i in keep]
         self._first = [self._first[i] for i in keep]
-        if not self._ids:
-            raise DataFormatError(f"{self.path}: no product has a usable image: {listed}{more}")
-        warnings.warn(f"{self.path}: skipped {len(problems)} unusable image file(s) ({listed}{more}); "
-                      f"{len(self._ids)} product(s) remain", UserWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self._ids)
