@@ -184,8 +184,9 @@ def test_bad_flags_are_one_line_errors_before_any_work(synth, tmp_path, capsys, 
     ("resume with nothing to resume", "nothing to resume"),
     ("missing pretrained file", "no such file"),
     ("cuda without a gpu", "no CUDA device"),
+    ("out not writable", "is not writable; choose a folder"),
 ])
-def test_user_errors_print_one_message_and_exit_2(synth, synth40, tmp_path, capsys, case, message):
+def test_user_errors_print_one_message_and_exit_2(synth, synth40, tmp_path, capsys, monkeypatch, case, message):
     out = tmp_path / "run"
     argv = train_argv(synth, out)
     if case == "missing train file":
@@ -205,6 +206,10 @@ def test_user_errors_print_one_message_and_exit_2(synth, synth40, tmp_path, caps
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         argv += ["--device", "cuda"]
+    elif case == "out not writable":  # root ignores chmod, so the OS's answer is simulated
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == out and mode == os.W_OK
+                            else real_access(path, mode))
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     err = capsys.readouterr().err

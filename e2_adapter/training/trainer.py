@@ -301,6 +301,10 @@ class Trainer:
         """Check ``out`` before any work; return the checkpoint to resume from (or None)."""
         if self.out.exists() and not self.out.is_dir():
             raise NotADirectoryError(f"--out {self.out} is a file; name a folder for the run")
+        if self.is_main:  # a folder we cannot write to fails now, not at the first checkpoint
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.out, os.W_OK):
+                raise PermissionError(f"--out {self.out} is not writable; choose a folder you can write to")
         for folder in (self.out, self.out / "best", self.out / "best" / "adapter"):
             if self.is_main:
                 remove_stale_temporaries(folder)  # left by writes a kill interrupted
