@@ -79,6 +79,8 @@ def prepare(setting: Setting, out: Path, prepared: Path | None = None) -> tuple[
     train_path, val_path = out / "data" / TRAIN_FILE, out / "data" / VALIDATION_FILE
     if record.is_file():
         have = json.loads(record.read_text())
+        # Data fields added since the folder was prepared have defaults that draw what it was drawn with.
+        have["data"] = {**SynthSpec().to_dict(), **have.get("data", {})}
         if have != wanted:
             diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
             raise SystemExit(f"{out} was prepared for another setting (differs in {diff}); "

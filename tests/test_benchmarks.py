@@ -74,3 +74,10 @@ def test_fashionsynth_resumes_finished_runs_and_refuses_another_setting(tmp_path
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]["clip-ft"]) == 2
     with pytest.raises(SystemExit, match="another setting.*logo_scale|differs in \\['data'\\]"):
         bench.main([*common, "--seeds", "0", "--logo-scale", "2"])
+    # A folder prepared before a data field existed reads as that field's default (what it drew).
+    record = json.loads((tmp_path / "setting.json").read_text())
+    del record["data"]["keep_apart"]
+    (tmp_path / "setting.json").write_text(json.dumps(record))
+    bench.main([*common, "--seeds", "0"])
+    with pytest.raises(SystemExit, match="another setting"):
+        bench.main([*common, "--seeds", "0", "--keep-apart"])

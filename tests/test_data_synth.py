@@ -136,3 +136,19 @@ def test_world_knobs_set_the_size_of_the_details_and_the_shared_logo_colours(tmp
     assert len({g.tobytes() + c.tobytes() for g, c in zip(world.brand_glyphs, world.brand_colours)}) == 12
     with pytest.raises(ValueError, match="logo_scale"):
         make_world(logo_scale=0)
+
+
+def test_keep_apart_moves_a_large_logo_plate_off_the_season_label(tmp_path):
+    from e2_adapter.data import SynthSpec
+
+    def overlapping(spec, folder):
+        cat = FashionGenH5(spec.write(tmp_path / folder)[0])
+        count = 0
+        for p in range(len(cat)):
+            (a0, b0, a1, b1), (c0, d0, c1, d1) = (cat.regions(p, 0)[e] for e in ("brand", "season"))
+            count += a0 < c1 and c0 < a1 and b0 < d1 and d0 < b1
+        return count, len(cat)
+    spec = SynthSpec(products=60, val_products=2, brands=12, logo_scale=3, label_scale=2)
+    covered, n = overlapping(spec, "default")
+    assert covered >= 3  # the default world (kept as it was drawn) lets the plate cover the label
+    assert overlapping(SynthSpec(**{**spec.to_dict(), "views": (1, 3), "keep_apart": True}), "apart") == (0, n)

@@ -257,6 +257,7 @@ class SynthWorld:
     brand_colours: np.ndarray   # [B, 3]
     logo_scale: int = 1         # brand plate side = 6 x logo_scale cells (glyph 4 x 4 of them)
     label_scale: int = 1        # season label = 7 x 3 cells of label_scale
+    keep_apart: bool = False    # move the logo plate off the season label where they would overlap
 
     def vocabulary(self) -> dict[str, tuple[str, ...]]:
         return {"brand": self.brands, "season": self.seasons,
@@ -270,12 +271,14 @@ def _check_count(name: str, n: int, available: int) -> None:
 
 def make_world(brands: int = 24, subcategories: int = 8, seasons: int = 6,
                compositions: int = 10, colours: int = 8, logo_colours: int = len(_LOGO_COLOURS),
-               logo_scale: int = 1, label_scale: int = 1) -> SynthWorld:
+               logo_scale: int = 1, label_scale: int = 1, keep_apart: bool = False) -> SynthWorld:
     """Build the FashionSynth vocabularies (the first N of each built-in list).
 
     How hard the small details are is set here: ``logo_colours`` (brands share that many plate
     colours, so with fewer colours than brands only the glyph tells them apart), ``logo_scale`` and
     ``label_scale`` (the logo plate and the season label drawn that many times larger).
+    ``keep_apart``: a large plate can cover the season label (at logo_scale 3 it often does, and the
+    label becomes unreadable); this moves the plate above or below the label instead.
     """
     _check_count("subcategories", subcategories, len(_SILHOUETTES))
     _check_count("logo_colours", logo_colours, len(_LOGO_COLOURS))
@@ -309,7 +312,7 @@ def make_world(brands: int = 24, subcategories: int = 8, seasons: int = 6,
         compositions=tuple(list(_COMPOSITIONS)[:compositions]),
         colours=tuple(list(_COLOURS)[:colours]),
         brand_glyphs=np.stack(glyphs), brand_colours=np.array(plate_colours, dtype=np.float32),
-        logo_scale=logo_scale, label_scale=label_scale)
+        logo_scale=logo_scale, label_scale=label_scale, keep_apart=keep_apart)
 
 
 # -- sampling products and views --------------------------------------------------------
@@ -450,6 +453,13 @@ def _render(world: SynthWorld, product: _Product, view: _View, size: int
     lc = cell * world.logo_scale
     plate = 6 * lc
     bx0, by0 = int(round(lx - plate / 2)), int(round(ly - plate / 2))
+    sc = cell * world.label_scale
+    tx, ty = to_px(*sil.label_spot)
+    label_x0, label_y0 = int(round(tx - 3.5 * sc)), int(round(ty - 1.5 * sc))
+    if world.keep_apart and _overlap((bx0, by0, bx0 + plate, by0 + plate),
+                                     (label_x0, label_y0, label_x0 + 7 * sc, label_y0 + 3 * sc)):
+        above = label_y0 - plate - 1
+        by0 = above if above >= 0 else label_y0 + 3 * sc + 1
     glyph = np.kron(world.brand_glyphs[product.brand], np.ones((lc, lc), dtype=bool))
     logo = np.broadcast_to(contrast, (plate, plate, 3)).copy()
     logo[lc:5 * lc, lc:5 * lc][glyph] = world.brand_colours[product.brand]
@@ -458,14 +468,12 @@ def _render(world: SynthWorld, product: _Product, view: _View, size: int
     # Season: a 7 x 3 label; lit dots code the year, their colour codes SS / FW (small).
     year, autumn = divmod(product.season, 2)
     bits = [(year + 1) >> i & 1 for i in (2, 1, 0)]
-    sc = cell * world.label_scale
     label = np.broadcast_to(np.array([238.0, 230.0, 212.0]), (3 * sc, 7 * sc, 3)).copy()
     dot = np.array(_FW_COLOUR if autumn else _SS_COLOUR, dtype=np.float64)
     for i, bit in enumerate(bits):
         if bit:
             label[sc:2 * sc, (2 * i + 1) * sc:(2 * i + 2) * sc] = dot
-    tx, ty = to_px(*sil.label_spot)
-    season_box = _paste(img, label, int(round(tx - 3.5 * sc)), int(round(ty - 1.5 * sc)))
+    season_box = _paste(img, label, label_x0, label_y0)
 
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     garment_box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
@@ -474,6 +482,10 @@ def _render(world: SynthWorld, product: _Product, view: _View, size: int
     boxes = {"brand": brand_box, "season": season_box, "subcategory": garment_box,
              "composition": panel_box}
     return img, boxes
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _paste(img: np.ndarray, patch: np.ndarray, x0: int, y0: int) -> tuple[int, int, int, int]:
@@ -543,7 +555,7 @@ def write_fashionsynth(out_dir: str | os.PathLike, products: int = 2000, val_pro
                        seed: int = 0, image_size: int = 64, views: tuple[int, int] = (1, 3),
                        brands: int = 24, subcategories: int = 8, seasons: int = 6,
                        compositions: int = 10, colours: int = 8, logo_colours: int = len(_LOGO_COLOURS),
-                       logo_scale: int = 1, label_scale: int = 1,
+                       logo_scale: int = 1, label_scale: int = 1, keep_apart: bool = False,
                        progress: Callable[[int, int], None] | None = None) -> tuple[Path, Path]:
     """Write ``fashionsynth_train.h5`` and ``fashionsynth_validation.h5`` into ``out_dir``.
 
@@ -562,7 +574,8 @@ def write_fashionsynth(out_dir: str | os.PathLike, products: int = 2000, val_pro
     if not 1 <= lo <= hi:
         raise ValueError(f"views must be (min, max) with 1 <= min <= max, got {views}")
     world = make_world(brands, subcategories, seasons, compositions, colours,
-                       logo_colours=logo_colours, logo_scale=logo_scale, label_scale=label_scale)
+                       logo_colours=logo_colours, logo_scale=logo_scale, label_scale=label_scale,
+                       keep_apart=keep_apart)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_path, val_path = out / TRAIN_FILE, out / VALIDATION_FILE
@@ -597,6 +610,7 @@ class SynthSpec:
     logo_colours: int = len(_LOGO_COLOURS)
     logo_scale: int = 1
     label_scale: int = 1
+    keep_apart: bool = False
 
     def write(self, out_dir: str | os.PathLike,
               progress: Callable[[int, int], None] | None = None) -> tuple[Path, Path]:
@@ -624,6 +638,7 @@ _SPEC_HELP = {
     "logo_colours": f"number of logo plate colours the brands share (at most {len(_LOGO_COLOURS)})",
     "logo_scale": "draw the brand's logo plate this many times larger (1: a 6-cell plate, 4 x 4 glyph)",
     "label_scale": "draw the season label this many times larger (1: 7 x 3 cells)",
+    "keep_apart": "move the logo plate off the season label where they would overlap (large plates)",
 }
 
 
@@ -633,7 +648,9 @@ def add_synth_flags(parser, defaults: SynthSpec | None = None, prefix: str = "")
     for name, help_text in _SPEC_HELP.items():
         value = getattr(defaults, name)
         flag = "--" + prefix + name.replace("_", "-")
-        if isinstance(value, tuple):
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", default=value, help=help_text)
+        elif isinstance(value, tuple):
             parser.add_argument(flag, type=int, nargs=2, default=list(value), metavar=("MIN", "MAX"),
                                 help=f"{help_text} (default: {value[0]} {value[1]})")
         else:
