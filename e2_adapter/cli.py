@@ -109,14 +109,20 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluation.embed import evaluate, linear_probe_entities
     from .evaluation.report import results_to_markdown, save_json
+    from .training.distributed import init_distributed, rank_and_world
+    distributed = init_distributed()  # under torchrun every rank embeds a shard; rank 0 reports
     bundle = load_encoder(args)
     model = bundle.model
     entities = tuple(args.entities) if args.entities else None
     data = open_catalogue(args, args.data, entities or ("brand", "season", "subcategory", "composition"), "test")
-    results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed)
+    results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed,
+                       distributed=distributed)
     if args.probe_train:
         train = open_catalogue(args, args.probe_train, data.entities, "train")
-        results["linear-probe"] = linear_probe_entities(model, train, data, bundle.preprocess, bundle.tokenizer)
+        results["linear-probe"] = linear_probe_entities(model, train, data, bundle.preprocess, bundle.tokenizer,
+                                                        distributed=distributed)
+    if rank_and_world()[0] != 0:
+        return
     print(results_to_markdown({p: r for p, r in results.items() if p != "linear-probe"}, name_header="protocol"))
     if "linear-probe" in results:
         print(results_to_markdown({"accuracy": results["linear-probe"]}, name_header="linear probe"))

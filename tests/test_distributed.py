@@ -120,7 +120,13 @@ def _embeddings(catalogue_path, distributed):
     catalogue = FashionGenH5(catalogue_path)
     emb = embed_catalogue(objective.model, catalogue, _transform(), objective.tokenizer, views="all",
                           batch_size=4, regions=True, distributed=distributed)
-    return {"image": emb.image, "text": emb.text, "products": emb.image_products, **emb.regions}
+    # The product API's path (the catalogue index, tagging): first views, normalised, with regions.
+    from e2_adapter.product.classify import embed_images
+    from e2_adapter.product.images import CatalogueImages
+    first, regions = embed_images(objective.model, CatalogueImages(catalogue), _transform(), regions=True,
+                                  batch_size=4, distributed=distributed)
+    return {"image": emb.image, "text": emb.text, "products": emb.image_products, **emb.regions,
+            "index": first, **{f"index {e}": v for e, v in regions.items()}}
 
 
 def _transform():
@@ -176,5 +182,6 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path, one_
         embeddings = results["embeddings"]
         assert set(embeddings) == set(one_process_embeddings)
         assert len(embeddings["products"]) > 9 and len(embeddings["text"]) == 9  # more views than products
+        assert len(embeddings["index"]) == 9 and "index brand" in embeddings
         for key, ref in one_process_embeddings.items():
             torch.testing.assert_close(embeddings[key], ref, atol=1e-5, rtol=1e-5, msg=key)

@@ -17,7 +17,7 @@ from ..backends import VisionBackend
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import EvalImages, collate
 from ..wrap import encode_image_regions, get_backend, is_wrapped
-from ..training.distributed import gather_rows, rank_and_world
+from ..training.distributed import gather_shards, shard
 from .linear_probe import probe_entities
 from .retrieval import PROTOCOLS
 
@@ -34,32 +34,15 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _shard(n: int, distributed: bool) -> tuple[range, list[int]]:
-    """This rank's contiguous block of n items and every rank's block length (one block on one process,
-    or when there are fewer items than ranks: then every rank embeds everything)."""
-    rank, world = rank_and_world() if distributed else (0, 1)
-    if world == 1 or n < world:
-        return range(n), [n]
-    bounds = [n * r // world for r in range(world + 1)]
-    return range(bounds[rank], bounds[rank + 1]), [b - a for a, b in zip(bounds, bounds[1:])]
-
-
-def _gathered(local: torch.Tensor, counts: list[int], device: torch.device) -> torch.Tensor:
-    """Every rank's rows in rank order, on the CPU (through the device: nccl gathers CUDA tensors)."""
-    if len(counts) == 1:
-        return local
-    return gather_rows(local.to(device), counts).cpu()
-
-
 @torch.no_grad()
 def embed_texts(backend: VisionBackend, tokenizer, texts: list[str], batch_size: int = 256,
                 distributed: bool = False) -> torch.Tensor:
     device = _device_of(backend.model)
-    mine, counts = _shard(len(texts), distributed)
+    mine, counts = shard(len(texts), distributed)
     texts = texts[mine.start:mine.stop]
     chunks = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
               for i in range(0, len(texts), batch_size)]
-    return _gathered(torch.cat(chunks), counts, device)
+    return gather_shards(torch.cat(chunks), counts, device)
 
 
 @torch.no_grad()
@@ -73,7 +56,7 @@ def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, vi
     want_regions = regions and is_wrapped(model)
     images, region_rows = [], {}
     dataset = EvalImages(catalogue, transform, views=views)
-    mine, counts = _shard(len(dataset), distributed)
+    mine, counts = shard(len(dataset), distributed)
     loader = DataLoader(Subset(dataset, mine) if len(counts) > 1 else dataset, batch_size=batch_size,
                         collate_fn=collate, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
@@ -88,8 +71,8 @@ def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, vi
             images.append(backend.encode_image(pixels).float().cpu())
     text = embed_texts(backend, tokenizer, catalogue.texts(), distributed=distributed)
     model.train(was_training)
-    gathered_regions = {e: _gathered(torch.cat(v), counts, device) for e, v in region_rows.items()}
-    return CatalogueEmbeddings(_gathered(torch.cat(images), counts, device),
+    gathered_regions = {e: gather_shards(torch.cat(v), counts, device) for e, v in region_rows.items()}
+    return CatalogueEmbeddings(gather_shards(torch.cat(images), counts, device),
                                torch.tensor(dataset.products, dtype=torch.long), text,
                                gathered_regions if want_regions else None)
 
@@ -124,10 +107,10 @@ def evaluate(model, catalogue: ProductCatalogue, transform, tokenizer, protocols
 
 
 def linear_probe_entities(model, train: ProductCatalogue, test: ProductCatalogue, transform, tokenizer,
-                          entities=None, batch_size: int = 128) -> dict[str, float]:
+                          entities=None, batch_size: int = 128, distributed: bool = False) -> dict[str, float]:
     """Per-entity linear probe accuracy (%) on frozen global image embeddings (spec section 6)."""
     entities = tuple(entities or test.entities)
-    tr = embed_catalogue(model, train, transform, tokenizer, "first", batch_size)
-    te = embed_catalogue(model, test, transform, tokenizer, "first", batch_size)
+    tr = embed_catalogue(model, train, transform, tokenizer, "first", batch_size, distributed=distributed)
+    te = embed_catalogue(model, test, transform, tokenizer, "first", batch_size, distributed=distributed)
     train_tags, test_tags = train.all_tags(), test.all_tags()
     return probe_entities(tr.image, {e: train_tags[e] for e in entities}, te.image, {e: test_tags[e] for e in entities})

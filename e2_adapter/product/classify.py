@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..training.distributed import gather_shards, shard
 from ..wrap import encode_image_regions, get_backend, is_wrapped
 from .bundle import parts
-from .images import pixel_batches
+from .images import image_sequence, pixel_batches
 from .vocab import check_vocabulary, label_embeddings, templates_for
 
 
@@ -48,13 +49,18 @@ def logit_scale(model) -> float:
 
 
 def embed_images(model, images, preprocess=None, regions: bool = False, batch_size: int = 64,
-                 progress: bool = False):
-    """Normalised global embeddings [N, D] and (``regions``) {entity: [N, D]} from the region heads."""
+                 progress: bool = False, distributed: bool = False):
+    """Normalised global embeddings [N, D] and (``regions``) {entity: [N, D]} from the region heads.
+    ``distributed``: under torchrun each rank embeds a contiguous block and all get every row back."""
     backend = get_backend(model)
     device = next(model.parameters()).device
     if regions and not is_wrapped(model):
         raise ValueError("region embeddings need an E2 model (wrapped, or loaded from a save_pretrained "
                          "folder with an adapter); this model is a plain CLIP")
+    images = image_sequence(images)
+    mine, counts = shard(len(images), distributed)
+    if len(counts) > 1:
+        images = images[mine.start:mine.stop]
     glob, reg = [], {}
     with eval_mode(model):
         batches = pixel_batches(images, preprocess, batch_size)
@@ -70,8 +76,9 @@ def embed_images(model, images, preprocess=None, regions: bool = False, batch_si
                     reg.setdefault(e, []).append(F.normalize(v.float(), dim=-1).cpu())
             else:
                 glob.append(backend.encode_image(pixels).float())
-    image = F.normalize(torch.cat(glob), dim=-1).cpu()
-    return (image, {e: torch.cat(v) for e, v in reg.items()}) if regions else image
+    image = gather_shards(F.normalize(torch.cat(glob), dim=-1).cpu(), counts, device)
+    reg = {e: gather_shards(torch.cat(v), counts, device) for e, v in reg.items()}
+    return (image, reg) if regions else image
 
 
 def rank(image_emb: torch.Tensor, label_emb: torch.Tensor, labels: list[str], top_k: int,

@@ -108,13 +108,17 @@ def recorded_encoder(args) -> dict:
     return spec
 
 
-def run_index(args, catalogue) -> CatalogueIndex:
+def run_index(args, catalogue) -> CatalogueIndex | None:
+    """Under torchrun every rank embeds a shard of the catalogue and rank 0 writes the index."""
+    from ..training.distributed import init_distributed
+    distributed = init_distributed()
     bundle = load_encoder(args)
     vocab = vocabulary_from_args(args, lambda *_: None) if (args.labels or args.vocab) else None
     index = build_index(bundle, catalogue, args.out, vocabulary=vocab, faiss=args.faiss,
                         embeddings_format=args.embeddings, batch_size=args.batch_size,
-                        encoder=recorded_encoder(args))
-    print(f"indexed {len(index)} products into {args.out}" + (f" (faiss {args.faiss})" if args.faiss else ""))
+                        encoder=recorded_encoder(args), distributed=distributed)
+    if index is not None:
+        print(f"indexed {len(index)} products into {args.out}" + (f" (faiss {args.faiss})" if args.faiss else ""))
     return index
 
 

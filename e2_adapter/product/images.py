@@ -32,20 +32,28 @@ def open_image(item) -> Image.Image:
         return im.convert("RGB")
 
 
-def pixel_batches(images, preprocess, batch_size: int = 64) -> Iterator[torch.Tensor]:
-    """Batches of model-ready pixels from a [B, 3, H, W] tensor (already preprocessed) or a sequence of
-    PIL images / image paths (run through ``preprocess``)."""
+def image_sequence(images):
+    """``images`` as something with len and slicing: a [B, 3, H, W] tensor, a list, a CatalogueImages;
+    one image or path becomes a list of one."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4:
             raise ValueError(f"an image tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        for start in range(0, len(images), batch_size):
-            yield images[start:start + batch_size]
-        return
+        return images
     if isinstance(images, (str, Path, Image.Image)):
-        images = [images]
+        return [images]
+    return images if hasattr(images, "__getitem__") and hasattr(images, "__len__") else list(images)
+
+
+def pixel_batches(images, preprocess, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Batches of model-ready pixels from a [B, 3, H, W] tensor (already preprocessed) or a sequence of
+    PIL images / image paths (run through ``preprocess``)."""
+    items = image_sequence(images)
+    if isinstance(items, torch.Tensor):
+        for start in range(0, len(items), batch_size):
+            yield items[start:start + batch_size]
+        return
     if preprocess is None:
         raise ValueError("PIL images or paths need the model's preprocess (pass a ClipBundle)")
-    items = images if hasattr(images, "__getitem__") and hasattr(images, "__len__") else list(images)
     for start in range(0, len(items), batch_size):
         yield torch.stack([preprocess(open_image(x)) for x in items[start:start + batch_size]])
 

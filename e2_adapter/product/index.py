@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.catalogue import ProductCatalogue
+from ..training.distributed import rank_and_world
 from ..wrap import get_adapter, get_backend, is_wrapped
 from ..zoo import ClipBundle, source_of
 from .bundle import parts
@@ -82,20 +83,24 @@ def build_faiss(embeddings: np.ndarray, kind: str, nlist: int | None = None):
 def build_index(model, catalogue: ProductCatalogue, directory: str | os.PathLike, *, tokenizer=None,
                 preprocess=None, vocabulary: dict[str, list[str]] | None = None, faiss: str | None = None,
                 embeddings_format: str = "safetensors", batch_size: int = 64, progress: bool = True,
-                encoder: dict | None = None) -> "CatalogueIndex":
+                encoder: dict | None = None, distributed: bool = False) -> "CatalogueIndex | None":
     """Embed the first view of every product into ``directory``. A wrapped E2 model also tags every
     product with its region heads (``vocabulary``, default the catalogue's own tag values of the
     model's entities), so searches can filter on predicted tags. ``encoder`` (e.g. the checkpoint
-    folder) is recorded so ``e2-adapter search`` can load the same model."""
+    folder) is recorded so ``e2-adapter search`` can load the same model. ``distributed``: every
+    torchrun rank calls it and embeds a shard; rank 0 writes the index and returns it, others None."""
     if embeddings_format not in ("safetensors", "npy"):
         raise ValueError(f"embeddings_format must be 'safetensors' or 'npy', got {embeddings_format!r}")
     model, tokenizer, preprocess = parts(model, tokenizer, preprocess)
     if len(catalogue) == 0:
         raise ValueError(f"{catalogue!r} has no products to index")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    main_rank = rank_and_world()[0] == 0 or not distributed
+    if main_rank:
+        directory.mkdir(parents=True, exist_ok=True)
     images = CatalogueImages(catalogue)
-    embeddings = embed_images(model, images, preprocess, batch_size=batch_size, progress=progress)
+    embeddings = embed_images(model, images, preprocess, batch_size=batch_size, progress=progress and main_rank,
+                              distributed=distributed)
     predicted = [{} for _ in range(len(catalogue))]
     if is_wrapped(model):
         heads = get_adapter(model).config.entities
@@ -105,9 +110,12 @@ def build_index(model, catalogue: ProductCatalogue, directory: str | os.PathLike
         else:
             vocab = {e: v for e, v in vocabulary.items() if e in heads}
         if vocab:
-            rows = tag(model, images, vocab, tokenizer=tokenizer, preprocess=preprocess, batch_size=batch_size)
+            rows = tag(model, images, vocab, tokenizer=tokenizer, preprocess=preprocess, batch_size=batch_size,
+                       distributed=distributed)
             predicted = [{e: {"label": ps[0].label, "score": round(ps[0].score, 6)} for e, ps in row.items()}
                          for row in rows]
+    if not main_rank:
+        return None
     array = embeddings.numpy().astype(np.float32)
     name = f"embeddings.{embeddings_format}"
     if embeddings_format == "npy":

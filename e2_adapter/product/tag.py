@@ -23,9 +23,11 @@ from .vocab import TAG_TEMPLATES, check_vocabulary, templates_for, vocabulary_fr
 
 
 def tag(model, images, vocabulary: dict[str, list[str]], *, tokenizer=None, preprocess=None,
-        templates=TAG_TEMPLATES, top_k: int = 1, batch_size: int = 64) -> list[dict[str, list[Prediction]]]:
+        templates=TAG_TEMPLATES, top_k: int = 1, batch_size: int = 64,
+        distributed: bool = False) -> list[dict[str, list[Prediction]]]:
     """Top-k labels per entity for each image, each entity scored from its own region embedding.
-    ``templates`` default to the bare label, the text the region loss trained against."""
+    ``templates`` default to the bare label, the text the region loss trained against.
+    ``distributed``: the images are embedded in shards across torchrun ranks (all get every row)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     model, tokenizer, preprocess = parts(model, tokenizer, preprocess)
@@ -38,7 +40,8 @@ def tag(model, images, vocabulary: dict[str, list[str]], *, tokenizer=None, prep
     if unknown:
         raise ValueError(f"entities {unknown} have no region head in this model (it has {entities}); "
                          "tag only those, or use classify() for zero-shot labels from the global embedding")
-    _, regions = embed_images(model, images, preprocess, regions=True, batch_size=batch_size)
+    _, regions = embed_images(model, images, preprocess, regions=True, batch_size=batch_size,
+                              distributed=distributed)
     scale = logit_scale(model)
     by_entity = {e: rank(regions[e], _labels(model, tokenizer, labels, templates_for(e, templates)), labels,
                          top_k, scale) for e, labels in vocabulary.items()}

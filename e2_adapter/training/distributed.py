@@ -77,6 +77,25 @@ def gather_rows(rows: torch.Tensor, counts: list[int] | None = None) -> torch.Te
     return _GatherRows.apply(rows.contiguous(), tuple(counts))
 
 
+def shard(n: int, distributed: bool = True) -> tuple[range, list[int]]:
+    """This rank's contiguous block of n items (embedding a catalogue across ranks) and every rank's
+    block length: one block on one process, or when there are fewer items than ranks (then every rank
+    does all of them)."""
+    rank, world = rank_and_world() if distributed else (0, 1)
+    if world == 1 or n < world:
+        return range(n), [n]
+    bounds = [n * r // world for r in range(world + 1)]
+    return range(bounds[rank], bounds[rank + 1]), [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def gather_shards(local: torch.Tensor, counts: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every rank's block from ``shard`` in rank order, on the CPU (through ``device``: nccl gathers
+    CUDA tensors)."""
+    if len(counts) == 1:
+        return local
+    return gather_rows(local.to(device), counts).cpu()
+
+
 def gather_lists(items: list) -> list[list]:
     """Every rank's list (strings: tag values), in rank order. Only our own ranks' objects are unpickled."""
     _, world = rank_and_world()

@@ -447,11 +447,15 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def validate(self) -> None:
-        if self.val_data is None or not self.is_main:
-            if self.distributed:
-                dist.barrier()
+        if self.val_data is None:
             return
-        metrics = evaluate(self.model, self.val_data, self.transform, self.tokenizer, (self.cfg.eval_protocol,))
+        # Every rank embeds a shard of the validation catalogue; rank 0 records the score.
+        metrics = evaluate(self.model, self.val_data, self.transform, self.tokenizer, (self.cfg.eval_protocol,),
+                           distributed=self.distributed)
+        if not self.is_main:
+            self.model.train()
+            dist.barrier()  # while rank 0 saves the best model
+            return
         result = metrics[self.cfg.eval_protocol]
         row = {"step": self.state.step, "protocol": self.cfg.eval_protocol, **{k: v for k, v in result.items()
                                                                                  if isinstance(v, (int, float))}}
