@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..backends import backend_for
 from ..wrap import encode_image_regions, get_adapter, get_backend, is_wrapped, wrap
 from ..config import E2Config
 from ..data.catalogue import ProductCatalogue
@@ -65,9 +66,6 @@ class TrainState:
 
 # --- model preparation ------------------------------------------------------------------------
 
-DEFAULT_LORA_TARGETS = {"open_clip": ("c_fc", "c_proj"), "openai": ("c_fc", "c_proj"), "hf": ("fc1", "fc2")}
-
-
 def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
     """E2: wrap the vision tower. LoRA: add peft adapters to both towers (E2 stays trainable)."""
     if cfg.method == "e2":
@@ -80,7 +78,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
         model.gradient_checkpointing_enable()
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
-        targets = list(cfg.lora_targets or DEFAULT_LORA_TARGETS[family])
+        targets = list(cfg.lora_targets or backend_for(model).lora_targets)
+        if not targets:
+            raise ValueError(f"the {backend_for(model).family} backend names no default LoRA targets: "
+                             "set lora_targets (--lora-targets)")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets))
     return model
 

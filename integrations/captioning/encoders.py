@@ -12,9 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e2_adapter.backends import UnsupportedModelError
+from e2_adapter.wrap import clip_towers
+
 
 class ClipLike(Protocol):
-    """What the captioners need: the two towers of a CLIP, projecting into one space."""
+    """What the captioners need: the two towers of a CLIP, projecting into one space. A model of a
+    family e2-adapter knows is encoded through its backend (``e2_adapter.wrap.clip_towers``), so a
+    transformers CLIPModel, which has neither method, is CLIP-like too."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
@@ -42,9 +47,11 @@ def resolve_encoder(model: ClipLike | None = None, adapter_dir: str | None = Non
         model = load_adapter(base, adapter_dir)
     if model is None:
         raise ValueError("no encoder: pass model, or adapter_dir together with base")
-    missing = [name for name in ("encode_image", "encode_text") if not callable(getattr(model, name, None))]
-    if missing:
-        raise TypeError(f"{type(model).__name__} is not CLIP-like: it lacks {', '.join(missing)}")
+    try:
+        clip_towers(model)
+    except UnsupportedModelError as err:
+        missing = [name for name in ("encode_image", "encode_text") if not callable(getattr(model, name, None))]
+        raise TypeError(f"{type(model).__name__} is not CLIP-like: it lacks {', '.join(missing)} and {err}") from err
     return model
 
 
@@ -82,24 +89,24 @@ def embed_texts(model: ClipLike, tokenizer: TextTokenizerFn, texts: Sequence[str
     """L2-normalised ``encode_text`` embeddings, float32 on the CPU, shape [N, D]."""
     if len(texts) == 0:
         raise ValueError("no texts to embed")
-    device = model_device(model)
+    device, towers = model_device(model), clip_towers(model)
     out = []
     with frozen(model):
         for part in _batches(len(texts), batch_size):
             tokens = tokenizer(list(texts[part])).to(device)
-            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+            out.append(F.normalize(towers.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
 def embed_images(model: ClipLike, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised ``encode_image`` embeddings of preprocessed images, float32 on the CPU."""
-    device = model_device(model)
+    device, towers = model_device(model), clip_towers(model)
     dtype = next((p.dtype for p in model.parameters()), torch.float32) if isinstance(model, nn.Module) else torch.float32
     out = []
     with frozen(model):
         for part in _batches(len(images), batch_size):
             batch = images[part].to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
-            out.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu())
+            out.append(F.normalize(towers.encode_image(batch).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
