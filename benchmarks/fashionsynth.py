@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +56,7 @@ VARIANTS = {
 def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, data: tuple[Path, Path], base: Path,
             out: Path) -> dict:
     method, overrides = VARIANTS[variant]
-    cfg = replace(finetune_config(method, steps, seed, batch), **overrides)
+    cfg = finetune_config(method, steps, seed, batch).updated(**overrides)  # adapter fields go to its section
     bundle = base_model(setting, base)
     train, val = FashionGenH5(data[0]), FashionGenH5(data[1])
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from ..backends import backend_for
 from ..wrap import encode_image_regions, get_adapter, get_backend, is_wrapped, wrap
-from ..config import E2Config
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
 from ..evaluation.embed import evaluate
@@ -69,9 +68,7 @@ class TrainState:
 def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
     """E2: wrap the vision tower. LoRA: add peft adapters to both towers (E2 stays trainable)."""
     if cfg.method == "e2":
-        wrap(model, config=E2Config.from_preset(
-            cfg.preset, entities=cfg.entities, tokens_per_entity=cfg.tokens_per_entity,
-            fusion_after=cfg.fusion_after, gumbel_tau=cfg.tau_start))
+        wrap(model, config=cfg.adapter)  # its gumbel_tau is cfg.tau_start, annealed by the loop
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     elif cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -323,6 +320,10 @@ class Trainer:
     def check_resumable(self, checkpoint: dict) -> None:
         """The checkpoint must come from this recipe and this model, or resuming silently mixes runs."""
         saved, now = checkpoint.get("config", {}), self.cfg.to_dict()
+        try:  # a checkpoint from before the adapter section: compare its options in today's form
+            saved = TrainConfig.from_dict(saved, warn=False).to_dict()
+        except (ValueError, TypeError):
+            pass  # options this version cannot read: reported as they are below
         changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                    if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
         if changed:
