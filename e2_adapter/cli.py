@@ -4,7 +4,7 @@
     e2-adapter train --train data/fashionsynth_train.h5 --val data/fashionsynth_validation.h5 --out runs/e2
     e2-adapter eval  --data data/fashionsynth_validation.h5 --checkpoint runs/e2/best --protocols sample-100
     e2-adapter demo  [--quick]
-    e2-adapter caption ... / e2-adapter cir ...   (the integrations' own commands)
+    e2-adapter caption ... / e2-adapter cir ...   (pipelines registered in e2_adapter.commands)
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
+from .commands import commands
 from .config import E2Config
 from .training.config import TrainConfig, adapter_flag_fields
 
@@ -174,6 +175,11 @@ def cmd_export(args) -> None:
     print(f"wrote {out / 'image_encoder.onnx'}, {out / 'text_encoder.onnx'} and {out / 'export.json'}")
 
 
+def cmd_demo(args) -> None:
+    from .demo import run
+    run(args)
+
+
 def add_product_parsers(sub) -> None:
     """classify / tag / index / search / export: flags only; the work is in e2_adapter.product and .export."""
     from .product.commands import add_vocab_flags
@@ -264,14 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: __import__("e2_adapter.demo", fromlist=["run"]).run(a))
+    p.set_defaults(func=cmd_demo)
 
     add_product_parsers(sub)
 
-    for name, module in (("caption", "integrations.captioning.cli"), ("cir", "integrations.cir.cli")):
-        p = sub.add_parser(name, help=f"{name} integration (see `e2-adapter {name} -h`)", add_help=False)
+    # Pipelines (captioning, composed retrieval, plug-ins) register in e2_adapter.commands; each parses
+    # its own flags, and is imported only when its command runs.
+    for name, command in commands().items():
+        if name in sub.choices:
+            raise ValueError(f"pipeline command {name!r} ({command.target}) clashes with a built-in command")
+        p = sub.add_parser(name, help=f"{command.help} (see `e2-adapter {name} -h`)".lstrip(), add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
+        p.set_defaults(func=lambda a, c=command: c.load()(a.rest))
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for name, p in sub.choices.items():
         if p.add_help:  # the integrations' pass-through parsers take every flag as theirs

@@ -104,7 +104,6 @@ class TrainConfig:
         if model_info:
             raise ValueError(f"adapter fields {model_info} are read from the model when it is wrapped; "
                              "leave them out of a training config")
-        self.adapter = replace(self.adapter, gumbel_tau=self.tau_start)  # the trainer anneals from tau_start
         self.betas = tuple(self.betas)
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
@@ -117,6 +116,7 @@ class TrainConfig:
         if self.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"amp must be auto, fp16, bf16 or none, got {self.amp!r}")
         self._check_ranges()
+        self.adapter = replace(self.adapter, gumbel_tau=self.tau_start)  # the trainer anneals from tau_start
 
     def _check_ranges(self) -> None:
         """Every number and name checked here, before any data is read or any step is trained."""
