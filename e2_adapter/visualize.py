@@ -17,7 +17,6 @@ each module's train/eval flag afterwards.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -26,11 +25,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .backends import unwrap_peft
+from .backends.base import CLIP_MEAN, CLIP_STD
+from .torch_utils import eval_mode, model_device
 from .wrap import encode_image_regions, get_adapter, get_backend, is_wrapped
 
-# CLIP's normalisation (OpenAI's, also open_clip's default and HF CLIPImageProcessor's).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Distinct, colour-blind-friendly-ish colours (Okabe-Ito first), one per entity in config order.
 DEFAULT_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (204, 121, 167), (213, 94, 0),
@@ -44,26 +42,6 @@ ImageLike = Union[Image.Image, torch.Tensor, np.ndarray]
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the duration, then every module's own flag back (a frozen part may be in eval
-    while the rest trains, so ``model.train(was)`` would not restore it)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in flags:
-            m.training = was
-
-
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _as_batch(images, preprocess: Optional[Callable] = None) -> torch.Tensor:
     """A [B, 3, H, W] tensor from a tensor, a list of CHW tensors, or PIL images with ``preprocess``."""
     if torch.is_tensor(images):
@@ -97,8 +75,8 @@ def _grid_of(num_patches: int) -> int:
 def patch_grid(model: nn.Module, images: torch.Tensor) -> int:
     """Side of the patch grid the (wrapped or not) model sees for ``images`` ([B, 3, H, W])."""
     backend = get_backend(model)
-    with torch.inference_mode(), _eval_mode(unwrap_peft(model)):
-        tokens = backend.embed(images[:1].to(_device(model)))
+    with torch.inference_mode(), eval_mode(unwrap_peft(model)):
+        tokens = backend.embed(images[:1].to(model_device(model)))
     return _grid_of(tokens.shape[1] - 1)
 
 
@@ -146,9 +124,9 @@ def selection_maps(model: nn.Module, images, *, batch_size: int = 64,
     config = adapter.config
     batch = _as_batch(images, preprocess)
     grid = patch_grid(model, batch)
-    device = _device(model)
+    device = model_device(model)
     out: list[SelectionMap] = []
-    with torch.inference_mode(), _eval_mode(unwrap_peft(model)):
+    with torch.inference_mode(), eval_mode(unwrap_peft(model)):
         for start in range(0, batch.shape[0], batch_size):
             chunk = batch[start:start + batch_size].to(device)
             result = encode_image_regions(model, chunk)
@@ -291,9 +269,9 @@ def cls_attention(model: nn.Module, images: torch.Tensor, *, batch_size: int = 6
         raise ValueError("cls_attention needs an unwrapped CLIP (the baseline): in a wrapped model the last "
                          "block no longer sees the patches")
     batch = _as_batch(images)
-    device = _device(model)
+    device = model_device(model)
     backend = get_backend(model)
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         maps = [backend.cls_attention(batch[start:start + batch_size].to(device)).cpu()
                 for start in range(0, batch.shape[0], batch_size)]
     patches = torch.cat(maps)

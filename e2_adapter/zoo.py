@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backends import BACKENDS, VisionBackend
+from .backends import BACKENDS, VisionBackend, unwrap_peft
 from .backends.base import CLIP_VOCAB_SIZE, bpe_tokenizer, clip_transform  # noqa: F401  (re-exported)
 
 FAMILIES = tuple(BACKENDS)  # the registry is the list: a new backend is a new --family choice
@@ -58,7 +58,7 @@ def remember_source(model: nn.Module, source: dict) -> nn.Module:
 
 
 def source_of(model: nn.Module) -> dict | None:
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = unwrap_peft(model)
     found = getattr(inner, SOURCE_ATTR, None)
     return dict(found) if found is not None else None
 

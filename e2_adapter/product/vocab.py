@@ -6,6 +6,8 @@ or ``ENTITY=a,b,c`` flags. Labels are embedded through prompt templates, average
 """
 from __future__ import annotations
 
+from ..torch_utils import model_device
+
 import json
 from pathlib import Path
 
@@ -93,7 +95,7 @@ def label_embeddings(model, tokenizer, labels: list[str], templates: tuple[str, 
                      batch_size: int = 256) -> torch.Tensor:
     """[len(labels), D]: each label's normalised text embeddings averaged over the templates, normalised."""
     backend = get_backend(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     texts = [t.format(label) for label in labels for t in templates]
     rows = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float()
             for i in range(0, len(texts), batch_size)]

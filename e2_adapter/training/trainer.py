@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..backends import backend_for
+from ..backends import backend_for, unwrap_peft
+from ..torch_utils import model_device
 from ..wrap import encode_image_regions, get_adapter, get_backend, is_wrapped, wrap
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
@@ -133,7 +134,7 @@ class ContrastiveObjective(nn.Module):
         (filled lazily, each value's embedding depended on which batch first asked for it)."""
         self.tag_cache.clear()
         values = sorted(set(values))
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         with torch.no_grad():
             for i in range(0, len(values), chunk):
                 part = values[i:i + chunk]
@@ -141,7 +142,7 @@ class ContrastiveObjective(nn.Module):
 
     def encode_tags(self, values: list[str], text_frozen: bool) -> torch.Tensor:
         backend = self.backend
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         if not text_frozen:
             self.tag_cache.clear()
             return backend.encode_text(self.tokenizer(values).to(device))
@@ -464,7 +465,7 @@ class Trainer:
             dist.barrier()
 
     def base_model(self) -> nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrap_peft(self.model)
 
     def save_best(self) -> None:
         """The best model as a save_pretrained folder (both towers, LoRA merged, E2; ``best/adapter`` alone)."""

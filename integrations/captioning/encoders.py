@@ -5,7 +5,6 @@ so swapping CLIP-FT for E2 (or back) is a one-line change and can never touch de
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2_adapter.backends import UnsupportedModelError
+from e2_adapter.torch_utils import eval_mode, model_device  # noqa: F401  (re-exported)
 from e2_adapter.wrap import clip_towers
 
 
@@ -55,28 +55,8 @@ def resolve_encoder(model: ClipLike | None = None, adapter_dir: str | None = Non
     return model
 
 
-def model_device(model: object) -> torch.device:
-    if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def frozen(model: object) -> Iterator[None]:
-    """Eval mode and no autograd for the duration; the caller's train/eval mode is restored.
-
-    Eval mode matters for E2: its fusion blocks only sample Gumbel noise in training mode.
-    """
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            model.train()
+# One home for these (e2_adapter.torch_utils); ``frozen`` is the captioners' name for eval_mode.
+frozen = eval_mode
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2_adapter.torch_utils import model_device
 from e2_adapter.wrap import clip_towers
 
 from .fashioniq import FashionIQ, Triplet
@@ -32,10 +33,6 @@ from .text_injection import encode_text
 
 Captioner = Callable[[list[Image.Image]], list[str]]
 ImageLoader = Callable[[str], Image.Image]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def model_fingerprint(model: nn.Module, preprocess: Optional[Callable] = None) -> str:
