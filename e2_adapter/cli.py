@@ -17,7 +17,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from .commands import commands
-from .config import E2Config
+from .config import DEFAULT_ENTITIES, E2Config
 from .training.config import TrainConfig, adapter_flag_fields
 
 
@@ -136,7 +136,7 @@ def cmd_eval(args) -> None:
     bundle = load_encoder(args)
     model = bundle.model
     entities = tuple(args.entities) if args.entities else None
-    data = open_catalogue(args, args.data, entities or ("brand", "season", "subcategory", "composition"), "test")
+    data = open_catalogue(args, args.data, entities or DEFAULT_ENTITIES, "test")
     results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed)
     if args.probe_train:
         train = open_catalogue(args, args.probe_train, data.entities, "train")
@@ -159,7 +159,6 @@ def cmd_tag(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from .config import DEFAULT_ENTITIES
     from .product.commands import run_index
     run_index(args, open_catalogue(args, args.data, tuple(args.entities or DEFAULT_ENTITIES), "test"))
 
