@@ -20,6 +20,8 @@ def _takes_causal_mask(layer_type: type) -> bool:
 
 
 class HFClipBackend(VisionBackend):
+    """transformers CLIPModel / CLIPVisionModelWithProjection."""
+
     family = "hf"
     tower_projects = False  # vision_model returns pooler_output; the model applies visual_projection
     lora_targets = ("fc1", "fc2")  # each CLIPEncoderLayer's mlp

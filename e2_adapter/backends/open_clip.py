@@ -9,6 +9,8 @@ from .conv_vit import ConvViTBackend
 
 
 class OpenClipBackend(ConvViTBackend):
+    """open_clip CLIP / CustomTextCLIP with a VisionTransformer tower."""
+
     family = "open_clip"
 
     @classmethod

@@ -11,6 +11,8 @@ def _tokenizer(context_length: int):
 
 
 class OpenAIClipBackend(ConvViTBackend):
+    """OpenAI clip (clip-anytorch) CLIP with a ViT tower."""
+
     family = "openai"
 
     @classmethod
