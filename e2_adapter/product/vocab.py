@@ -6,8 +6,6 @@ or ``ENTITY=a,b,c`` flags. Labels are embedded through prompt templates, average
 """
 from __future__ import annotations
 
-from ..torch_utils import model_device
-
 import json
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.catalogue import ProductCatalogue
+from ..torch_utils import model_device
 from ..wrap import get_backend
 
 # Zero-shot prompts for the global embedding, one list per entity (FashionSynth/FashionGen tag values).
