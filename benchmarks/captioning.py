@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from e2_adapter.cli import add_model_flags
+from e2_adapter.loading import add_model_flags
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
 from integrations.captioning import (WordTokenizer, caption_metrics, embed_images, embed_texts, entity_accuracy,
                                      load_corpus)

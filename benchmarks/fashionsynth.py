@@ -18,11 +18,11 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from e2_adapter.config import DEFAULT_ENTITIES
 from e2_adapter.data import FashionGenH5
 from e2_adapter.experiments import Setting, add_setting_flags, base_model, finetune_config, prepare, setting_from_args
 from e2_adapter.evaluation.embed import CatalogueEmbeddings, embed_catalogue, evaluate
@@ -32,7 +32,7 @@ from e2_adapter.training.trainer import Trainer
 from e2_adapter.visualize import selection_hit_rate
 from e2_adapter.wrap import is_wrapped
 
-ENTITIES = ("brand", "season", "subcategory", "composition")
+ENTITIES = DEFAULT_ENTITIES
 SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
 HIT_IMAGES = 200
 DEFAULT_BATCH = 64  # the demo's; runs at other sizes are named "variant (batch N)"
@@ -57,7 +57,7 @@ VARIANTS = {
 def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, data: tuple[Path, Path], base: Path,
             out: Path) -> dict:
     method, overrides = VARIANTS[variant]
-    cfg = replace(finetune_config(method, steps, seed, batch), **overrides)
+    cfg = finetune_config(method, steps, seed, batch).updated(**overrides)  # adapter fields go to its section
     bundle = base_model(setting, base)
     train, val = FashionGenH5(data[0]), FashionGenH5(data[1])
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,

@@ -4,7 +4,7 @@
     e2-adapter train --train data/fashionsynth_train.h5 --val data/fashionsynth_validation.h5 --out runs/e2
     e2-adapter eval  --data data/fashionsynth_validation.h5 --checkpoint runs/e2/best --protocols sample-100
     e2-adapter demo  [--quick]
-    e2-adapter caption ... / e2-adapter cir ...   (the integrations' own commands)
+    e2-adapter caption ... / e2-adapter cir ...   (pipelines registered in e2_adapter.commands)
 """
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import argparse
 import json
 import os
 import sys
+import types
 import typing
 from dataclasses import MISSING, fields
 
-from .training.config import TrainConfig
+from .commands import commands
+from .config import DEFAULT_ENTITIES, E2Config
+from .training.config import TrainConfig, adapter_flag_fields
 
 
 # --- data and models from flags ------------------------------------------------------------------
@@ -57,27 +60,49 @@ def open_catalogue(args, path: str, entities, split: str = "train"):
                              bad_images="skip" if args.skip_bad_images else "error")
 
 
-# --- TrainConfig fields become flags ---------------------------------------------------------------
+# --- TrainConfig fields (the adapter section's included) become flags ---------------------------------
 
-def add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
+def _flag_kind(hint) -> tuple[str, type]:
+    """("bool" | "tuple" | "scalar", element type) of a field's type hint, Optional stripped."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] \
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    base = args[0]
+    if base is bool:
+        return "bool", bool
+    if typing.get_origin(base) is tuple:
+        return "tuple", typing.get_args(base)[0]
+    return "scalar", base
+
+
+def add_dataclass_flags(p, cls, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (``--field-name``), typed from its hint, help from its metadata;
+    every default is None, meaning "not given" (the dataclass's own default, or the --config file's)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
         flag = "--" + f.name.replace("_", "-")
-        hint, default = hints[f.name], f.default if f.default is not MISSING else None
-        text = str(hint)
-        if hint is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif "tuple" in text:
-            elem = float if "float" in text else int if "int" in text else str
-            p.add_argument(flag, nargs="*", type=elem, default=None, metavar=f.name.upper())
+        kind, elem = _flag_kind(hints[f.name])
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind == "tuple":
+            p.add_argument(flag, nargs="*", type=elem, default=None, metavar=f.name.upper(),
+                           help=f"{help_text} (default {default})")
         else:
-            kind = int if "int" in text and "float" not in text else float if "float" in text else str
-            p.add_argument(flag, type=kind, default=None, help=f"default {default}")
+            p.add_argument(flag, type=elem, default=None, help=f"{help_text} (default {default})")
 
 
 def train_config_from(args) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    return TrainConfig.from_file(args.config, **given) if args.config else TrainConfig(**given)
+    """The TrainConfig of --config (if any) with every flag given on the command line over it."""
+    def given(names):
+        return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    top = given(f.name for f in fields(TrainConfig) if f.name != "adapter")
+    adapter = given(adapter_flag_fields())
+    if args.config:
+        return TrainConfig.from_file(args.config, **top, adapter=adapter)
+    return TrainConfig.from_dict({**top, "adapter": adapter})
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -114,7 +139,7 @@ def cmd_eval(args) -> None:
     bundle = load_encoder(args)
     model = bundle.model
     entities = tuple(args.entities) if args.entities else None
-    data = open_catalogue(args, args.data, entities or ("brand", "season", "subcategory", "composition"), "test")
+    data = open_catalogue(args, args.data, entities or DEFAULT_ENTITIES, "test")
     results = evaluate(model, data, bundle.preprocess, bundle.tokenizer, tuple(args.protocols), seed=args.seed,
                        distributed=distributed)
     if args.probe_train:
@@ -141,7 +166,6 @@ def cmd_tag(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from .config import DEFAULT_ENTITIES
     from .product.commands import run_index
     run_index(args, open_catalogue(args, args.data, tuple(args.entities or DEFAULT_ENTITIES), "test"))
 
@@ -155,6 +179,11 @@ def cmd_export(args) -> None:
     from .export import export_onnx
     out = export_onnx(load_encoder(args), args.out)
     print(f"wrote {out / 'image_encoder.onnx'}, {out / 'text_encoder.onnx'} and {out / 'export.json'}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run
+    run(args)
 
 
 def add_product_parsers(sub) -> None:
@@ -223,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
-    p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
-    add_dataclass_flags(p, TrainConfig)
+    p.add_argument("--config", help="JSON file of TrainConfig fields, the adapter's in its 'adapter' section "
+                   "(flags override it)")
+    add_dataclass_flags(p, TrainConfig, skip=("adapter",))
+    add_dataclass_flags(p.add_argument_group("adapter (the config's 'adapter' section)"), E2Config,
+                        only=adapter_flag_fields())
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="retrieval protocols and linear probes")
@@ -244,14 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=lambda a: __import__("e2_adapter.demo", fromlist=["run"]).run(a))
+    p.set_defaults(func=cmd_demo)
 
     add_product_parsers(sub)
 
-    for name, module in (("caption", "integrations.captioning.cli"), ("cir", "integrations.cir.cli")):
-        p = sub.add_parser(name, help=f"{name} integration (see `e2-adapter {name} -h`)", add_help=False)
+    # Pipelines (captioning, composed retrieval, plug-ins) register in e2_adapter.commands; each parses
+    # its own flags, and is imported only when its command runs.
+    for name, command in commands().items():
+        if name in sub.choices:
+            raise ValueError(f"pipeline command {name!r} ({command.target}) clashes with a built-in command")
+        p = sub.add_parser(name, help=f"{command.help} (see `e2-adapter {name} -h`)".lstrip(), add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
+        p.set_defaults(func=lambda a, c=command: c.load()(a.rest))
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for name, p in sub.choices.items():
         if p.add_help:  # the integrations' pass-through parsers take every flag as theirs

@@ -27,6 +27,17 @@ PRESET_LAYOUTS = {
 }
 
 
+LAYOUT_FIELDS = ("gated", "drop_patches", "qk_rank")  # what a preset decides
+
+
+def option(default, help: str):
+    """A dataclass field with its help text in the metadata, as peft keeps it: the CLI's flags and
+    their help are generated from the fields (``e2_adapter.cli.add_dataclass_flags``)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 def dataclass_from_dict(cls, d: dict, what: str):
     """``cls(**d)``, but an unknown key is a clear error naming it and the known ones."""
     known = {f.name for f in fields(cls)}
@@ -38,43 +49,36 @@ def dataclass_from_dict(cls, d: dict, what: str):
 
 @dataclass
 class E2Config:
-    """How E2 is laid into a CLIP vision tower.
-
-    entities: the tag entities, each with its own selection tokens and region head.
-    tokens_per_entity: selection tokens per entity (the paper uses 2).
-    fusion_after: 1-based indices of the blocks after which a fusion block runs; ``None`` derives
-        them from the depth (after ~2/3 of the blocks and after the second-to-last one: 8 and 11 of 12);
-        ``()`` means no fusion blocks (an ablation).
-    preset: the layout family (``PRESET_LAYOUTS``): faithful, lean or gated. It fills ``gated``,
-        ``drop_patches`` and ``qk_rank`` where they are left at None and rejects values that contradict it.
-    drop_patches: drop the patch tokens after the last fusion block (the paper's layout; never with
-        ``gated``, where the class token still reads the patches in the last block).
-    qk_rank: width of the fusion blocks' query/key space; ``None`` = the tower width (the paper;
-        ``lean``: 32).
-    gumbel_tau: Gumbel-softmax temperature of the hard selection during training.
-    gated: start where CLIP is: class and patch tokens never attend to the selection tokens, and the
-        selection tokens reach the global embedding only through a zero-initialised gate, so the
-        wrapped model's global embedding equals the original's exactly at step 0.
-    token_init: "normal" (default) draws each selection token independently, like CLIP's class
-        embedding; "cls" starts every token at the class token plus small noise. With "cls" the
-        tokens start nearly equal, so they pick the same patches; in the first demo run they were
-        still collapsed onto the same few patches after 600 steps, hence "normal" by default.
-    """
-    entities: tuple[str, ...] = DEFAULT_ENTITIES
-    tokens_per_entity: int = 2
-    fusion_after: tuple[int, ...] | None = None
-    drop_patches: bool | None = None
-    qk_rank: int | None = None
-    gumbel_tau: float = 1.0
-    gated: bool | None = None
-    token_init: str = "normal"
-    preset: str = DEFAULT_PRESET
+    """How E2 is laid into a CLIP vision tower. Each field's help is in its metadata (``help``)."""
+    entities: tuple[str, ...] = option(DEFAULT_ENTITIES, "the tag entities, each with its own selection tokens "
+                                       "and region head")
+    tokens_per_entity: int = option(2, "selection tokens per entity (the paper uses 2)")
+    fusion_after: tuple[int, ...] | None = option(
+        None, "1-based indices of the blocks after which a fusion block runs; unset derives them from the depth "
+        "(after ~2/3 of the blocks and after the second-to-last: 8 and 11 of 12); empty means no fusion blocks "
+        "(an ablation)")
+    drop_patches: bool | None = option(
+        None, "drop the patch tokens after the last fusion block (the paper's layout; never with gated, where the "
+        "class token still reads the patches in the last block); unset: the preset's")
+    qk_rank: int | None = option(None, "width of the fusion blocks' query/key space; unset: the preset's (the tower "
+                                 "width; lean: 32)")
+    gumbel_tau: float = option(1.0, "Gumbel-softmax temperature of the hard selection during training")
+    gated: bool | None = option(
+        None, "start where CLIP is: class and patch tokens never attend to the selection tokens, which reach the "
+        "global embedding only through a zero-initialised gate (the global embedding equals the original's at "
+        "step 0); unset: the preset's")
+    token_init: str = option(
+        "normal", "normal: each selection token drawn independently, like CLIP's class embedding; cls: every "
+        "token starts at the class token plus small noise (they then pick the same patches: in the first demo "
+        "run still collapsed after 600 steps, hence normal)")
+    preset: str = option(DEFAULT_PRESET, "the layout (PRESET_LAYOUTS): faithful, lean or gated; fills gated, "
+                         "drop_patches and qk_rank where unset and rejects values that contradict it")
     # Filled in by wrap() from the model, checked by load_adapter().
-    family: str | None = None
-    width: int | None = None
-    embed_dim: int | None = None
-    num_blocks: int | None = None
-    version: int = field(default=CONFIG_VERSION)
+    family: str | None = option(None, "the model's CLIP family (set by wrap)")
+    width: int | None = option(None, "the tower width (set by wrap)")
+    embed_dim: int | None = option(None, "the joint-space width (set by wrap)")
+    num_blocks: int | None = option(None, "the tower depth (set by wrap)")
+    version: int = option(CONFIG_VERSION, "adapter_config.json format version")
 
     def __post_init__(self):
         if isinstance(self.entities, str):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .torch_utils import model_device
 from .wrap import encode_image_regions, get_adapter, get_backend, is_wrapped
 from .zoo import ClipBundle, source_of
 
@@ -78,7 +79,7 @@ def export_onnx(model, directory: str | os.PathLike, *, image_size: int | None =
     try:
         image = ImageEncoder(model)
         outputs = ["image", "regions", "selections"] if image.wrapped else ["image"]
-        pixels = torch.zeros(2, 3, image_size, image_size, device=next(model.parameters()).device)
+        pixels = torch.zeros(2, 3, image_size, image_size, device=model_device(model))
         # Traced with autograd on: under no_grad, nn.MultiheadAttention takes a fused fast path
         # (aten::_native_multi_head_attention) that ONNX has no operator for.
         _export(image, pixels, directory / IMAGE_FILE, "pixels", outputs)

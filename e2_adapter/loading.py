@@ -18,7 +18,7 @@ import torch
 
 from .io import load_adapter
 from .pretrained import CONFIG_FILE, from_pretrained, is_pretrained_dir, read_config
-from .zoo import FAMILIES, ClipBundle, create_clip, remember_source, source_of
+from .zoo import DEFAULT_FAMILY, FAMILIES, ClipBundle, create_clip, remember_source, source_of
 
 ENCODER_FIELDS = ("family", "model", "pretrained", "image_size", "encoder_seed", "checkpoint", "adapter", "factory")
 
@@ -27,7 +27,8 @@ def add_model_flags(p, default_model: str = "small", defaults: bool = True) -> N
     """--family/--model/--pretrained/--image-size on a parser or argument group. ``defaults=False``
     leaves every flag None (a command that fills them from a recorded spec)."""
     d = (lambda value: value) if defaults else (lambda value: None)
-    p.add_argument("--family", default=d("open_clip"), choices=FAMILIES)
+    p.add_argument("--family", default=d(DEFAULT_FAMILY), choices=FAMILIES,
+                   help="the CLIP family (one per e2_adapter.backends entry)")
     p.add_argument("--model", default=d(default_model), help="a tiny config (tiny, demo, small) or the family's model name")
     p.add_argument("--pretrained", default=d(None),
                    help="none, the family's tag (e.g. openai), or a .pt state dict of the same architecture")
@@ -99,7 +100,7 @@ def _from_flags(args, device) -> ClipBundle:
     pretrained = getattr(args, "pretrained", None)
     state_path = Path(pretrained) if pretrained and pretrained.endswith(".pt") else None
     seed = getattr(args, "encoder_seed", None)
-    bundle = create_clip(args.family or "open_clip", args.model, None if state_path else pretrained,
+    bundle = create_clip(args.family or DEFAULT_FAMILY, args.model, None if state_path else pretrained,
                          getattr(args, "image_size", None), device, seed=seed)
     if state_path is not None:
         bundle.model.load_state_dict(_load_state(state_path, device))

@@ -13,9 +13,23 @@ from torch import nn
 from .config import E2Config
 
 
-def linear_as(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+def is_plain_linear(layer: nn.Module) -> bool:
+    """True when calling ``layer`` is exactly ``F.linear(x, layer.weight, layer.bias)``, so its weight
+    may be used directly: an ``nn.Linear`` itself (not a subclass such as a parametrized, quantised or
+    peft LoRA layer) with no forward hooks on it and no global module hooks."""
+    from torch.nn.modules import module as torch_module
+    return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks)
+
+
+def linear_as(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``layer(x)`` computed in x's dtype: a half-precision CLIP feeds fp16 activations to E2's layers
-    whatever dtype their weights were kept in (the cast is differentiable, so fp32 weights still train)."""
+    whatever dtype their weights were kept in (the cast is differentiable, so fp32 weights still train).
+    A layer that is not a plain ``nn.Linear`` (LoRA, hooks, quantisation) is called, never bypassed."""
+    if not is_plain_linear(layer):
+        weight = getattr(layer, "weight", None)
+        inputs = x.to(weight.dtype) if torch.is_tensor(weight) and weight.is_floating_point() else x
+        return layer(inputs).to(x.dtype)
     bias = layer.bias.to(x.dtype) if layer.bias is not None else None
     return F.linear(x, layer.weight.to(x.dtype), bias)
 
@@ -59,8 +73,12 @@ class FusionBlock(nn.Module):
 
     def forward(self, tokens: torch.Tensor, patches: torch.Tensor, tau: float = 1.0):
         """tokens [B,S,W], patches [B,N,W] -> (fused tokens [B,S,W], chosen patch index [B,S])."""
-        # q.k^T folded as (q W_k) p^T: S queries meet the key weights instead of N patches (same scores).
-        scores = (linear_as(tokens, self.query) @ self.key.weight.to(tokens.dtype)) @ patches.transpose(1, 2) * self.scale
+        q = linear_as(tokens, self.query)
+        if is_plain_linear(self.key):
+            # q.k^T folded as (q W_k) p^T: S queries meet the key weights instead of N patches (same scores).
+            scores = (q @ self.key.weight.to(tokens.dtype)) @ patches.transpose(1, 2) * self.scale
+        else:  # a LoRA, hook or quantised key: run it, or it would be silently ignored
+            scores = q @ linear_as(patches, self.key).transpose(1, 2) * self.scale
         choice = hard_select(scores, tau, self.training)
         # value() is linear, so selecting before projecting equals projecting every patch, at S/N the cost.
         chosen = linear_as(choice.to(patches.dtype) @ patches, self.value)

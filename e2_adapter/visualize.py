@@ -17,7 +17,6 @@ each module's train/eval flag afterwards.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -26,11 +25,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .backends import unwrap_peft
+from .backends.base import CLIP_MEAN, CLIP_STD
+from .torch_utils import eval_mode, model_device
 from .wrap import encode_image_regions, get_adapter, get_backend, is_wrapped
 
-# CLIP's normalisation (OpenAI's, also open_clip's default and HF CLIPImageProcessor's).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Distinct, colour-blind-friendly-ish colours (Okabe-Ito first), one per entity in config order.
 DEFAULT_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (204, 121, 167), (213, 94, 0),
@@ -44,26 +42,6 @@ ImageLike = Union[Image.Image, torch.Tensor, np.ndarray]
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the duration, then every module's own flag back (a frozen part may be in eval
-    while the rest trains, so ``model.train(was)`` would not restore it)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in flags:
-            m.training = was
-
-
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _as_batch(images, preprocess: Optional[Callable] = None) -> torch.Tensor:
     """A [B, 3, H, W] tensor from a tensor, a list of CHW tensors, or PIL images with ``preprocess``."""
     if torch.is_tensor(images):
@@ -97,8 +75,8 @@ def _grid_of(num_patches: int) -> int:
 def patch_grid(model: nn.Module, images: torch.Tensor) -> int:
     """Side of the patch grid the (wrapped or not) model sees for ``images`` ([B, 3, H, W])."""
     backend = get_backend(model)
-    with torch.inference_mode(), _eval_mode(unwrap_peft(model)):
-        tokens = backend.embed(images[:1].to(_device(model)))
+    with torch.inference_mode(), eval_mode(unwrap_peft(model)):
+        tokens = backend.embed(images[:1].to(model_device(model)))
     return _grid_of(tokens.shape[1] - 1)
 
 
@@ -146,9 +124,9 @@ def selection_maps(model: nn.Module, images, *, batch_size: int = 64,
     config = adapter.config
     batch = _as_batch(images, preprocess)
     grid = patch_grid(model, batch)
-    device = _device(model)
+    device = model_device(model)
     out: list[SelectionMap] = []
-    with torch.inference_mode(), _eval_mode(unwrap_peft(model)):
+    with torch.inference_mode(), eval_mode(unwrap_peft(model)):
         for start in range(0, batch.shape[0], batch_size):
             chunk = batch[start:start + batch_size].to(device)
             result = encode_image_regions(model, chunk)
@@ -282,76 +260,20 @@ def draw_selections(image: ImageLike, maps: SelectionMap, grid: Optional[int] = 
 # ---------------------------------------------------------------------------------------------
 # the baseline's attention
 # ---------------------------------------------------------------------------------------------
-def _last_attention_module(model: nn.Module) -> nn.MultiheadAttention:
-    tower = getattr(model, "visual", None)
-    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
-    if blocks is None or not len(blocks):
-        raise ValueError(f"{type(model).__name__} has no visual.transformer.resblocks: CLS attention maps "
-                         "support open_clip and OpenAI CLIP ViTs (and transformers CLIPModel)")
-    attn = getattr(blocks[-1], "attn", None)
-    if not isinstance(attn, nn.MultiheadAttention):
-        raise ValueError(f"the last block's attention is a {type(attn).__name__}, not nn.MultiheadAttention")
-    return attn
-
-
 def cls_attention(model: nn.Module, images: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
     """CLS-to-patch attention of the last block of an *unwrapped* CLIP, averaged over heads:
-    ``np.ndarray [B, grid, grid]`` (each map sums to the CLS row's patch share, below 1).
-
-    open_clip and OpenAI CLIP: a forward pre-hook on the last block's ``nn.MultiheadAttention`` turns
-    on ``need_weights`` (the blocks call it with ``need_weights=False``) and a forward hook keeps the
-    weights; the block's output is unchanged. transformers CLIPModel: ``output_attentions=True``.
-    """
+    ``np.ndarray [B, grid, grid]`` (each map sums to the CLS row's patch share, below 1). How the
+    weights are read is the family backend's ``cls_attention``."""
     model = unwrap_peft(model)
     if is_wrapped(model):
         raise ValueError("cls_attention needs an unwrapped CLIP (the baseline): in a wrapped model the last "
                          "block no longer sees the patches")
     batch = _as_batch(images)
-    device = _device(model)
-    maps = []
-    with torch.inference_mode(), _eval_mode(model):
-        if hasattr(model, "vision_model"):  # transformers
-            # sdpa / flash attention return no weights: switch to eager for the call, then back
-            impl = getattr(model.config, "_attn_implementation", None)
-            switch = impl not in (None, "eager") and hasattr(model, "set_attn_implementation")
-            if switch:
-                model.set_attn_implementation("eager")
-            try:
-                for start in range(0, batch.shape[0], batch_size):
-                    chunk = batch[start:start + batch_size].to(device)
-                    out = model.vision_model(pixel_values=chunk, output_attentions=True)
-                    if not out.attentions or out.attentions[-1] is None:
-                        raise ValueError("the transformers model returned no attentions; load it with "
-                                         "attn_implementation='eager'")
-                    maps.append(out.attentions[-1].float().mean(1)[:, 0, 1:].cpu())
-            finally:
-                if switch:
-                    model.set_attn_implementation(impl)
-        else:
-            attn = _last_attention_module(model)
-            caught: list[torch.Tensor] = []
-
-            def pre_hook(module, args, kwargs):
-                kwargs["need_weights"] = True
-                kwargs["average_attn_weights"] = True
-                return args, kwargs
-
-            def hook(module, args, output):
-                caught.append(output[1])
-
-            handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True), attn.register_forward_hook(hook)]
-            try:
-                for start in range(0, batch.shape[0], batch_size):
-                    chunk = batch[start:start + batch_size].to(device)
-                    caught.clear()
-                    model.encode_image(chunk)
-                    if len(caught) != 1 or caught[0] is None:
-                        raise RuntimeError("could not catch the last block's attention weights")
-                    weights = caught[0].float()  # [B, L, L] for NLD and LND alike
-                    maps.append(weights[:, 0, 1:].cpu())
-            finally:
-                for h in handles:
-                    h.remove()
+    device = model_device(model)
+    backend = get_backend(model)
+    with torch.inference_mode(), eval_mode(model):
+        maps = [backend.cls_attention(batch[start:start + batch_size].to(device)).cpu()
+                for start in range(0, batch.shape[0], batch_size)]
     patches = torch.cat(maps)
     grid = _grid_of(patches.shape[1])
     return patches.reshape(-1, grid, grid).numpy()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import BACKENDS, VisionBackend, backend_for, unwrap_peft
+from .backends import BACKENDS, UnsupportedModelError, VisionBackend, backend_for, unwrap_peft
 from .config import DEFAULT_PRESET, E2Config
 from .modules import E2Adapter
 from . import tower as e2_tower
@@ -46,6 +46,19 @@ def get_backend(model: nn.Module) -> VisionBackend:
     if tower is unwrap_peft(model):
         return BACKENDS[tower.e2.config.family].at_tower(tower)
     return backend_for(model)
+
+
+def clip_towers(model: nn.Module):
+    """What encodes ``model``'s images and texts (``.encode_image`` / ``.encode_text``): its family
+    backend, or, for a model of no family e2-adapter knows that has both methods itself (a ResNet
+    CLIP, a custom or test encoder), the model. Integrations call this instead of ``model.encode_*``,
+    which a transformers CLIPModel does not have."""
+    try:
+        return get_backend(model)
+    except UnsupportedModelError:
+        if callable(getattr(model, "encode_image", None)) and callable(getattr(model, "encode_text", None)):
+            return model
+        raise
 
 
 def get_adapter(model: nn.Module) -> E2Adapter:
@@ -102,10 +115,6 @@ def encode_image_regions(model: nn.Module, images: torch.Tensor, **kwargs) -> E2
     backend = get_backend(model)
     return e2_forward(backend, tower.e2, images, project=backend.model is not None or backend.tower_projects,
                       **kwargs)
-
-
-def adapter_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(get_adapter(model).named_parameters())
 
 
 def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:

@@ -1,8 +1,9 @@
 """One creation API for the CLIP models e2-adapter works with, pretrained or randomly initialised.
 
 Model sizes are data (``TINY_CONFIGS``), as in open_clip's ``model_configs``: the tiny ones let the
-tests, the demo and CI run on a CPU with no downloads. Real checkpoints go through each family's
-own loader (``open_clip.create_model_and_transforms``, ``clip.load``, ``CLIPModel.from_pretrained``).
+tests, the demo and CI run on a CPU with no downloads. How a family builds a tiny model, loads a
+named checkpoint or rebuilds a saved one is its backend's business (``e2_adapter.backends``); this
+module only picks the backend and records where the model came from.
 """
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-FAMILIES = ("open_clip", "openai", "hf")
+from .backends import BACKENDS, VisionBackend, unwrap_peft
+from .backends.base import CLIP_VOCAB_SIZE, bpe_tokenizer, clip_transform  # noqa: F401  (re-exported)
+
+FAMILIES = tuple(BACKENDS)  # the registry is the list: a new backend is a new --family choice
+DEFAULT_FAMILY = "open_clip"
 
 # Small ViT CLIPs for CPU work. Depth 6 keeps E2's layout meaningful (fusion after blocks 4 and 5).
 TINY_CONFIGS: dict[str, dict] = {
@@ -24,7 +29,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "small": dict(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=6,
                   vision_heads=4, context_length=64, text_width=128, text_layers=4, text_heads=4),
 }
-VOCAB_SIZE = 49408  # CLIP's BPE vocabulary, shared by all three families
+VOCAB_SIZE = CLIP_VOCAB_SIZE
 
 
 @dataclass
@@ -53,7 +58,7 @@ def remember_source(model: nn.Module, source: dict) -> nn.Module:
 
 
 def source_of(model: nn.Module) -> dict | None:
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = unwrap_peft(model)
     found = getattr(inner, SOURCE_ATTR, None)
     return dict(found) if found is not None else None
 
@@ -69,58 +74,13 @@ def tiny_config(name: str, image_size: int | None = None) -> dict:
     return cfg
 
 
-def bpe_tokenizer(context_length: int) -> Callable[[list[str]], torch.Tensor]:
-    """CLIP's BPE (the vocabulary open_clip ships), truncating to the context length."""
-    from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer(context_length=context_length)
+def backend_class(family: str) -> type[VisionBackend]:
+    if family not in BACKENDS:
+        raise ValueError(f"unknown CLIP family {family!r}; choose one of {FAMILIES}")
+    return BACKENDS[family]
 
 
-def clip_transform(image_size: int) -> Callable:
-    """CLIP's evaluation transform (resize, centre crop, CLIP mean/std) from open_clip."""
-    from open_clip import image_transform
-    return image_transform(image_size, is_train=False)
-
-
-def _tiny_open_clip(cfg: dict) -> nn.Module:
-    import open_clip
-    return open_clip.CLIP(
-        embed_dim=cfg["embed_dim"],
-        vision_cfg=dict(image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["vision_width"],
-                        layers=cfg["vision_layers"], head_width=cfg["vision_width"] // cfg["vision_heads"]),
-        text_cfg=dict(context_length=cfg["context_length"], vocab_size=VOCAB_SIZE, width=cfg["text_width"],
-                      heads=cfg["text_heads"], layers=cfg["text_layers"]),
-    )
-
-
-def _tiny_openai(cfg: dict) -> nn.Module:
-    from clip.model import CLIP
-    model = CLIP(embed_dim=cfg["embed_dim"], image_resolution=cfg["image_size"],
-                 vision_layers=cfg["vision_layers"], vision_width=cfg["vision_width"],
-                 vision_patch_size=cfg["patch_size"], context_length=cfg["context_length"],
-                 vocab_size=VOCAB_SIZE, transformer_width=cfg["text_width"],
-                 transformer_heads=cfg["text_heads"], transformer_layers=cfg["text_layers"])
-    return model  # clip.model.CLIP derives its vision heads itself (width // 64)
-
-
-def _tiny_hf(cfg: dict) -> nn.Module:
-    from transformers import CLIPConfig, CLIPModel
-    config = CLIPConfig(
-        projection_dim=cfg["embed_dim"],
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=cfg["text_width"], intermediate_size=4 * cfg["text_width"],
-                         num_hidden_layers=cfg["text_layers"], num_attention_heads=cfg["text_heads"],
-                         max_position_embeddings=cfg["context_length"], bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=cfg["vision_width"], intermediate_size=4 * cfg["vision_width"],
-                           num_hidden_layers=cfg["vision_layers"], num_attention_heads=cfg["vision_heads"],
-                           image_size=cfg["image_size"], patch_size=cfg["patch_size"]),
-    )
-    return CLIPModel(config)
-
-
-_TINY_BUILDERS = {"open_clip": _tiny_open_clip, "openai": _tiny_openai, "hf": _tiny_hf}
-
-
-def create_clip(family: str = "open_clip", model_name: str = "tiny", pretrained: str | None = None,
+def create_clip(family: str = DEFAULT_FAMILY, model_name: str = "tiny", pretrained: str | None = None,
                 image_size: int | None = None, device: str | torch.device = "cpu", seed: int | None = None) -> ClipBundle:
     """Build a CLIP of the given family.
 
@@ -128,8 +88,7 @@ def create_clip(family: str = "open_clip", model_name: str = "tiny", pretrained:
     family's own model name (``ViT-B-32`` for open_clip, ``ViT-B/32`` for openai, a hub id or local
     folder for hf), which may need the internet the first time.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown CLIP family {family!r}; choose one of {FAMILIES}")
+    backend = backend_class(family)
     if seed is not None:
         torch.manual_seed(seed)
     if model_name in TINY_CONFIGS:
@@ -137,103 +96,41 @@ def create_clip(family: str = "open_clip", model_name: str = "tiny", pretrained:
             raise ValueError(f"tiny config {model_name!r} has no pretrained weights; use --pretrained none "
                              "or load a folder written by e2_adapter.save_pretrained with --checkpoint")
         cfg = tiny_config(model_name, image_size)
-        model = _TINY_BUILDERS[family](cfg).to(device)
+        model = backend.build_tiny(cfg).to(device)
         remember_source(model, dict(family=family, model=model_name, pretrained=None, image_size=cfg["image_size"],
                                     tokenizer={"kind": "clip_bpe", "context_length": cfg["context_length"]}))
         return ClipBundle(model, bpe_tokenizer(cfg["context_length"]), clip_transform(cfg["image_size"]),
                           family, cfg["image_size"])
-    bundle = _create_pretrained(family, model_name, pretrained, device)
-    remember_source(bundle.model, dict(family=family, model=model_name, pretrained=pretrained or None,
-                                       image_size=bundle.image_size, tokenizer=_tokenizer_spec(family, model_name, bundle.model)))
-    return bundle
-
-
-def _create_pretrained(family: str, model_name: str, pretrained: str | None, device) -> ClipBundle:
-    if family == "open_clip":
-        import open_clip
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=None if pretrained in (None, "", "none") else pretrained, device=device)
-        size = model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return ClipBundle(model, open_clip.get_tokenizer(model_name), preprocess, family, int(size))
-    if family == "openai":
-        import clip
-        model, preprocess = clip.load(model_name, device=device, jit=False)
-        model = model.float()  # train in fp32 + autocast; clip.load leaves fp16 weights on CUDA
-        ctx = model.context_length
-        return ClipBundle(model, lambda texts: clip.tokenize(texts, context_length=ctx, truncate=True),
-                          preprocess, family, model.visual.input_resolution)
-    from transformers import CLIPModel
-    model = CLIPModel.from_pretrained(model_name).to(device)
-    size = model.config.vision_config.image_size
-    return ClipBundle(model, bpe_tokenizer(model.config.text_config.max_position_embeddings),
-                      clip_transform(size), family, size)
+    loaded = backend.load_pretrained(model_name, pretrained, device)
+    remember_source(loaded.model, dict(family=family, model=model_name, pretrained=pretrained or None,
+                                       image_size=loaded.image_size, tokenizer=loaded.tokenizer_spec))
+    return ClipBundle(loaded.model, loaded.tokenizer, loaded.preprocess, family, loaded.image_size)
 
 
 # --- rebuilding a saved model's architecture offline (e2_adapter.pretrained) -----------------------
 
-def _tokenizer_spec(family: str, model_name: str, model: nn.Module) -> dict:
-    if family == "open_clip":
-        return {"kind": "open_clip", "name": model_name}
-    if family == "openai":
-        return {"kind": "openai", "context_length": int(model.context_length)}
-    return {"kind": "clip_bpe", "context_length": int(model.config.text_config.max_position_embeddings)}
-
-
 def make_tokenizer(spec: dict) -> Callable[[list[str]], torch.Tensor]:
-    """The tokenizer a saved model's config names (see ``_tokenizer_spec``)."""
+    """The tokenizer a saved model's config names: CLIP's BPE (``clip_bpe``) or a family's own
+    (``kind`` is the family: its backend's ``tokenizer_from_spec``)."""
     kind = spec.get("kind")
     if kind == "clip_bpe":
         return bpe_tokenizer(int(spec["context_length"]))
-    if kind == "open_clip":
-        import open_clip
-        return open_clip.get_tokenizer(spec["name"])
-    if kind == "openai":
-        import clip
-        ctx = int(spec["context_length"])
-        return lambda texts: clip.tokenize(texts, context_length=ctx, truncate=True)
-    raise ValueError(f"unknown tokenizer kind {kind!r} in the saved config; expected clip_bpe, open_clip or openai")
+    if kind in BACKENDS:
+        return BACKENDS[kind].tokenizer_from_spec(spec)
+    raise ValueError(f"unknown tokenizer kind {kind!r} in the saved config; expected clip_bpe or one of {FAMILIES}")
 
 
 def architecture_of(model: nn.Module, family: str) -> dict:
     """What it takes to rebuild ``model``'s layers with no download: its constructor arguments, read
     from the model itself (the family's pretrained loaders need the internet; the saved weights do not)."""
-    if family == "openai":
-        v, t = model.visual, model.transformer
-        if not hasattr(v, "conv1"):
-            raise ValueError("only OpenAI CLIP ViTs can be saved (this one has a ResNet image tower)")
-        return dict(embed_dim=int(model.text_projection.shape[1]), image_resolution=int(v.input_resolution),
-                    vision_layers=len(v.transformer.resblocks), vision_width=int(v.conv1.out_channels),
-                    vision_patch_size=int(v.conv1.kernel_size[0]), context_length=int(model.context_length),
-                    vocab_size=int(model.vocab_size), transformer_width=int(t.width),
-                    transformer_heads=int(t.resblocks[0].attn.num_heads), transformer_layers=int(t.layers))
-    if family == "hf":
-        return {"config": model.config.to_dict(), "class": type(model).__name__}
-    return {}  # open_clip: the model name (a tiny config or open_clip's own) rebuilds it
+    return backend_class(family)(model).architecture()
 
 
 def build_architecture(family: str, model_name: str, image_size: int, arch: dict, tokenizer: dict,
                        device: str | torch.device = "cpu") -> ClipBundle:
     """A randomly initialised model of a saved architecture, with its tokenizer and preprocess."""
-    if family not in FAMILIES:
+    if family not in BACKENDS:
         raise ValueError(f"unknown CLIP family {family!r} in the saved config; choose one of {FAMILIES}")
-    if family == "open_clip":
-        if model_name in TINY_CONFIGS:
-            model = _tiny_open_clip(tiny_config(model_name, image_size))
-            preprocess = clip_transform(image_size)
-        else:
-            import open_clip
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
-    elif family == "openai":
-        from clip.clip import _transform
-        from clip.model import CLIP
-        model, preprocess = CLIP(**arch), _transform(int(arch["image_resolution"]))
-    else:
-        import transformers
-        from transformers import CLIPConfig
-        cls = getattr(transformers, arch.get("class", "CLIPModel"))
-        if cls.__name__ not in ("CLIPModel", "CLIPVisionModelWithProjection"):
-            raise ValueError(f"saved hf class {cls.__name__!r} is not a CLIP class e2-adapter rebuilds")
-        config_cls = CLIPConfig if cls.__name__ == "CLIPModel" else transformers.CLIPVisionConfig
-        model, preprocess = cls(config_cls.from_dict(arch["config"])), clip_transform(image_size)
+    tiny = tiny_config(model_name, image_size) if model_name in TINY_CONFIGS else None
+    model, preprocess = BACKENDS[family].build_architecture(model_name, image_size, arch, tiny=tiny)
     return ClipBundle(model.to(device), make_tokenizer(tokenizer), preprocess, family, int(image_size))

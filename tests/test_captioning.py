@@ -200,6 +200,28 @@ def test_cli_train_generate_eval(tmp_path, synth, captioner, flags, capsys):
     assert set(result["entities"]) >= {"brand", "subcategory", "composition", "season", "mean"}
 
 
+def test_cli_captions_with_a_transformers_clip(tmp_path, synth):
+    """``caption --family hf``: a transformers CLIPModel has no encode_image / encode_text, so the
+    captioner reaches both towers through the family backend, in training and in generation."""
+    from e2_adapter import get_backend
+    clip = create_clip("hf", "tiny", seed=0)
+    assert not hasattr(clip.model, "encode_image") and resolve_encoder(clip.model) is clip.model
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(get_backend(clip.model).encode_image(x), dim=-1)
+    assert torch.allclose(embed_images(clip.model, x), expected, atol=1e-6)
+    train, val = synth
+    out = tmp_path / "decap-hf"
+    assert main(["train", "decap", "--train-h5", str(train), "--out", str(out), "--max-steps", "2", "--batch-size", "8",
+                 "--device", "cpu", "--family", "hf", "--model", "tiny", "--layers", "1", "--heads", "2",
+                 "--width", "32", "--compact-vocab"]) == 0
+    assert json.loads((out / "encoder.json").read_text())["family"] == "hf"
+    captions = tmp_path / "captions.jsonl"
+    assert main(["generate", "--decoder", str(out), "--h5", str(val), "--out", str(captions), "--device", "cpu",
+                 "--method", "greedy", "--max-products", "2", "--batch-size", "2"]) == 0
+    assert len(captions.read_text().splitlines()) == 2
+
+
 # -- a real E2 encoder ------------------------------------------------------------------------------
 def test_e2_wrapped_model_and_adapter_folder_are_drop_in_encoders(tmp_path):
     import e2_adapter

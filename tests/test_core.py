@@ -192,7 +192,7 @@ def test_default_is_the_gated_preset_everywhere(images):
     model = make_tiny("open_clip")
     before = backend(model).encode_image(images)
     config = e2_adapter.get_adapter(e2_adapter.wrap(model)).config
-    assert config.preset == e2_adapter.E2Config().preset == TrainConfig().preset == "gated" and config.gated
+    assert config.preset == e2_adapter.E2Config().preset == TrainConfig().adapter.preset == "gated" and config.gated
     assert torch.allclose(before, backend(model).encode_image(images), atol=1e-5)
     assert not e2_adapter.E2Config.from_preset("faithful").gated and not e2_adapter.E2Config.from_preset("lean").gated
 

@@ -87,11 +87,13 @@ CASES = (("clip-ft", False), ("e2", False), ("e2", True))  # (method, text froze
 
 def _objective(method):
     import e2_adapter.modules
+    from e2_adapter.config import E2Config
     from e2_adapter.training.config import TrainConfig
     from e2_adapter.training.trainer import ContrastiveObjective, prepare_model
     from e2_adapter.zoo import create_clip
     e2_adapter.modules.hard_select = _straight_through_argmax
-    cfg = TrainConfig(method=method, entities=("brand", "season"), global_weight=1.0, region_weight=0.5)
+    cfg = TrainConfig(method=method, adapter=E2Config(entities=("brand", "season")), global_weight=1.0,
+                      region_weight=0.5)
     bundle = create_clip("open_clip", "tiny", seed=0)
     torch.manual_seed(1)
     model = prepare_model(bundle.model, cfg, "open_clip").train()

@@ -144,3 +144,58 @@ def test_cli_train_eval_and_ddp_two_processes(synth, tmp_path, free_port):
         for metric, value in results[protocol].items():
             assert sharded[protocol][metric] == pytest.approx(value, abs=1e-3), (protocol, metric)
     assert sharded["linear-probe"] == pytest.approx(results["linear-probe"], abs=1e-3)
+
+
+# -- the adapter section of the training config -------------------------------------------------------
+def test_adapter_section_sets_every_adapter_field(tmp_path):
+    import json
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"method": "e2", "tau_start": 2.0,
+                                "adapter": {"preset": "lean", "qk_rank": 8, "token_init": "cls",
+                                            "entities": ["brand"], "tokens_per_entity": 3}}))
+    cfg = TrainConfig.from_file(path)
+    a = cfg.adapter
+    assert (a.preset, a.qk_rank, a.token_init, a.entities, a.tokens_per_entity) == ("lean", 8, "cls", ("brand",), 3)
+    assert (a.gated, a.drop_patches, a.gumbel_tau) == (False, True, 2.0) and cfg.entities == ("brand",)
+    # flags override the file; a new preset re-derives its layout (no contradiction with the file's)
+    over = TrainConfig.from_file(path, adapter={"preset": "gated"})
+    assert over.adapter.gated and not over.adapter.drop_patches and over.adapter.qk_rank == 8
+    # what is saved reads back to the same config
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="contradicts preset"):
+        TrainConfig.from_dict({"adapter": {"preset": "faithful", "gated": True}})
+    with pytest.raises(ValueError, match="adapter section: unknown fields"):
+        TrainConfig.from_dict({"adapter": {"qk_rnak": 8}})
+    with pytest.raises(ValueError, match="tau_start"):
+        TrainConfig.from_dict({"adapter": {"gumbel_tau": 3.0}})
+
+
+def test_flat_adapter_fields_of_an_older_config_still_load(tmp_path):
+    import json
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"method": "e2", "preset": "faithful", "entities": ["brand", "season"],
+                                "tokens_per_entity": 1, "fusion_after": [3, 5], "batch_size": 8}))
+    with pytest.warns(FutureWarning, match="'adapter' section"):
+        cfg = TrainConfig.from_file(path)
+    assert cfg == TrainConfig.from_dict({"method": "e2", "batch_size": 8, "adapter": {
+        "preset": "faithful", "entities": ["brand", "season"], "tokens_per_entity": 1, "fusion_after": [3, 5]}})
+    assert cfg.adapter.drop_patches and cfg.adapter.fusion_after == (3, 5)
+
+
+def test_train_flags_are_generated_from_both_configs_with_their_help():
+    from e2_adapter import cli
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    assert {"qk_rank", "gated", "drop_patches", "token_init", "preset", "fusion_after", "stage1_lr"} <= set(helps)
+    assert "zero-initialised gate" in helps["gated"] and "query/key" in helps["qk_rank"]
+    assert "gumbel_tau" not in helps and "width" not in helps  # the trainer's tau_start; read from the model
+    args = parser.parse_args(["train", "--train", "t.h5", "--out", "o", "--preset", "lean", "--qk-rank", "4",
+                              "--token-init", "cls", "--fusion-after", "--stage1-lr", "0.01"])
+    cfg = cli.train_config_from(args)
+    assert (cfg.adapter.preset, cfg.adapter.qk_rank, cfg.adapter.token_init, cfg.adapter.fusion_after) == \
+        ("lean", 4, "cls", ())
+    assert cfg.stage1_lr == 0.01
+    args = parser.parse_args(["train", "--train", "t.h5", "--out", "o", "--preset", "faithful", "--no-drop-patches"])
+    with pytest.raises(ValueError, match="contradicts preset 'faithful'"):
+        cli.train_config_from(args)

@@ -17,6 +17,10 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _summary(cls: type[VisionBackend]) -> str:
+    return (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
+
+
 def backend_for(model: nn.Module) -> VisionBackend:
     """The backend of ``model``'s family, after checking E2 can be laid into it."""
     model = unwrap_peft(model)
@@ -26,8 +30,8 @@ def backend_for(model: nn.Module) -> VisionBackend:
             backend.check()
             return backend
     raise UnsupportedModelError(
-        f"{describe(model)} is not a CLIP family e2-adapter knows; supported: open_clip CLIP/CustomTextCLIP, "
-        "OpenAI clip (clip-anytorch) CLIP, transformers CLIPModel / CLIPVisionModelWithProjection.")
+        f"{describe(model)} is not a CLIP family e2-adapter knows; supported: "
+        + "; ".join(f"{name}: {_summary(cls)}" for name, cls in BACKENDS.items()))
 
 
 __all__ = ["BACKENDS", "VisionBackend", "UnsupportedModelError", "backend_for", "unwrap_peft"]

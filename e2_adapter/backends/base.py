@@ -7,11 +7,25 @@ injected before or after wrapping are always the ones that run.
 
 ``at_tower(tower)`` gives a backend rooted at one tower module and nothing else: the installed
 forward builds one for the module it is called on, so a DataParallel replica runs its own weights.
+
+Besides the five steps, a backend is the one place that describes its family for everything above
+it (the zoo, the trainer, the visualiser, the integrations), so no other module names a family:
+
+    lora_targets                     peft target_modules for the family's MLP linears
+    build_tiny(cfg)                  a randomly initialised model from a ``zoo.TINY_CONFIGS`` entry
+    load_pretrained(name, weights)   the family's own loader -> ``Loaded`` (model, tokenizer, ...)
+    architecture() / build_architecture(...) / tokenizer_from_spec(spec)
+                                     rebuild a saved model offline (``e2_adapter.pretrained``)
+    token_embedding()                the text tower's token-embedding table (pseudo-word injection)
+    cls_attention(images)            the last block's CLS-to-patch attention (the baseline's maps)
+
+These are optional: the defaults raise ``NotImplementedError`` naming the family and the capability,
+so a new family can start with the five steps and ``encode_*`` and add the rest as it needs them.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -21,8 +35,29 @@ class UnsupportedModelError(TypeError):
     """The model is not a CLIP vision transformer that E2 can be laid into."""
 
 
+# CLIP's BPE vocabulary size, shared by the open_clip, OpenAI and HF CLIP text towers.
+CLIP_VOCAB_SIZE = 49408
+# CLIP's image normalisation (OpenAI's, also open_clip's default and HF CLIPImageProcessor's).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class Loaded(NamedTuple):
+    """What a family's pretrained loader gives back (``zoo.create_clip`` makes a ClipBundle of it)."""
+    model: nn.Module
+    tokenizer: Tokenizer
+    preprocess: Callable | None
+    image_size: int
+    tokenizer_spec: dict  # how to rebuild the tokenizer offline: see ``VisionBackend.tokenizer_from_spec``
+
+
 class VisionBackend(ABC):
     family: ClassVar[str]
+    # peft ``target_modules`` when a run asks for LoRA without naming targets: the MLP linears of
+    # every transformer block (both towers), the choice that keeps attention, and so E2's q.k, as is.
+    lora_targets: ClassVar[tuple[str, ...]] = ()
     # Whether the tower's own forward returns the projected embedding (open_clip, OpenAI) or the
     # normalised CLS that the model projects outside the tower (HF): a tower-rooted backend can only
     # project in the first case.
@@ -124,6 +159,48 @@ class VisionBackend(ABC):
     def parameter_device(self) -> torch.device:
         return self.compute_weight().device
 
+    # --- the family beyond one model (optional; see the module docstring) -------------------------
+    @classmethod
+    def _missing(cls, what: str) -> NotImplementedError:
+        return NotImplementedError(f"the {cls.family} backend does not implement {what}")
+
+    @classmethod
+    def build_tiny(cls, cfg: dict) -> nn.Module:
+        """A randomly initialised model of this family from a ``zoo.TINY_CONFIGS`` entry (keys
+        embed_dim, image_size, patch_size, vision_width/layers/heads, context_length, text_width/layers/heads)."""
+        raise cls._missing("build_tiny (tiny random models)")
+
+    @classmethod
+    def load_pretrained(cls, name: str, pretrained: str | None, device: str | torch.device = "cpu") -> Loaded:
+        """The family's own loader for a named model (may download the first time)."""
+        raise cls._missing("load_pretrained (named pretrained models)")
+
+    def architecture(self) -> dict:
+        """What it takes to rebuild this model's layers offline (JSON-able); ``{}`` if its name is enough."""
+        raise self._missing("architecture (save_pretrained)")
+
+    @classmethod
+    def build_architecture(cls, name: str, image_size: int, arch: dict,
+                           tiny: dict | None = None) -> tuple[nn.Module, Callable | None]:
+        """(randomly initialised model, preprocess) from what ``architecture()`` recorded; ``tiny`` is
+        the ``TINY_CONFIGS`` entry when ``name`` is one."""
+        raise cls._missing("build_architecture (from_pretrained)")
+
+    @classmethod
+    def tokenizer_from_spec(cls, spec: dict) -> Tokenizer:
+        """The tokenizer a ``Loaded.tokenizer_spec`` whose ``kind`` is this family describes."""
+        raise cls._missing("tokenizer_from_spec")
+
+    def token_embedding(self) -> nn.Embedding:
+        """The text tower's token-embedding table: a forward hook on it replaces a placeholder's
+        embedding (Pic2Word / SEARLE pseudo words), and ``encode_text`` then runs unchanged."""
+        raise self._missing("token_embedding (pseudo-word injection)")
+
+    def cls_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """Last block's attention from CLS to the patches, averaged over heads: [B, N] (each row sums
+        to the CLS row's patch share). For an unwrapped model; the caller sets eval / inference mode."""
+        raise self._missing("cls_attention (attention maps)")
+
 
 def patch_embed(conv1: nn.Conv2d, class_embedding: torch.Tensor, positional_embedding: torch.Tensor,
                 images: torch.Tensor) -> torch.Tensor:
@@ -148,6 +225,45 @@ def trim_after_end(tokens: torch.Tensor, end_positions: torch.Tensor) -> torch.T
         return tokens  # a traced graph must not bake in this batch's length; the full context is the same
     length = int(end_positions.max()) + 1 if tokens.numel() else tokens.shape[1]
     return tokens[:, :length]
+
+
+def bpe_tokenizer(context_length: int) -> Tokenizer:
+    """CLIP's BPE (the vocabulary open_clip ships, so it works offline), truncating to the context length."""
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer(context_length=context_length)
+
+
+def clip_transform(image_size: int) -> Callable:
+    """CLIP's evaluation transform (resize, centre crop, CLIP mean/std), as open_clip builds it."""
+    from open_clip import image_transform
+    return image_transform(image_size, is_train=False)
+
+
+def mha_cls_attention(attn: nn.MultiheadAttention, run: Callable[[], Any]) -> torch.Tensor:
+    """CLS-to-patch weights of ``attn`` during ``run()``, for blocks that call an ``nn.MultiheadAttention``
+    with ``need_weights=False``: a forward pre-hook turns the weights on and a forward hook keeps
+    them; the block's output is unchanged. [B, N] for NLD and LND layouts alike."""
+    if not isinstance(attn, nn.MultiheadAttention):
+        raise ValueError(f"the last block's attention is a {type(attn).__name__}, not nn.MultiheadAttention")
+    caught: list[torch.Tensor] = []
+
+    def pre_hook(module, args, kwargs):
+        kwargs["need_weights"] = True
+        kwargs["average_attn_weights"] = True
+        return args, kwargs
+
+    def hook(module, args, output):
+        caught.append(output[1])
+
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True), attn.register_forward_hook(hook)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    if len(caught) != 1 or caught[0] is None:
+        raise RuntimeError("could not catch the last block's attention weights")
+    return caught[0].float()[:, 0, 1:]
 
 
 def describe(model: nn.Module) -> str:

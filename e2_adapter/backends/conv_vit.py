@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import VisionBackend, patch_embed
+from .base import VisionBackend, mha_cls_attention, patch_embed
 
 
 class ConvViTBackend(VisionBackend):
+    lora_targets = ("c_fc", "c_proj")  # each ResidualAttentionBlock's mlp
+
     @staticmethod
     def find_tower(model: nn.Module) -> nn.Module:
         return model.visual
@@ -59,8 +61,19 @@ class ConvViTBackend(VisionBackend):
     def encode_text(self, tokens):
         return self.model.encode_text(tokens)
 
-    def _blocks(self):
-        return self.tower.transformer.resblocks
+    def token_embedding(self) -> nn.Embedding:
+        model = self.model
+        table = getattr(model, "token_embedding", None)
+        if table is None:  # open_clip CustomTextCLIP keeps its TextTransformer under .text
+            table = getattr(getattr(model, "text", None), "token_embedding", None)
+        if not isinstance(table, nn.Embedding):
+            raise self._missing(f"token_embedding for {type(model).__name__} (no token_embedding table: "
+                                "a text tower built on an HF language model?)")
+        return table
+
+    def cls_attention(self, images):
+        blocks = self.tower.transformer.resblocks
+        return mha_cls_attention(getattr(blocks[-1], "attn", None), lambda: self.encode_image(images))
 
     @staticmethod
     def _is_vit(tower: nn.Module) -> bool:

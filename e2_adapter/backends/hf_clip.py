@@ -7,7 +7,11 @@ from functools import lru_cache
 
 import torch
 
-from .base import UnsupportedModelError, VisionBackend, describe, trim_after_end
+from .base import (CLIP_VOCAB_SIZE, Loaded, UnsupportedModelError, VisionBackend, bpe_tokenizer, clip_transform,
+                   describe, trim_after_end)
+
+# The classes build_architecture rebuilds, with their config class.
+_CLASSES = {"CLIPModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPVisionConfig"}
 
 
 @lru_cache(maxsize=None)
@@ -16,8 +20,11 @@ def _takes_causal_mask(layer_type: type) -> bool:
 
 
 class HFClipBackend(VisionBackend):
+    """transformers CLIPModel / CLIPVisionModelWithProjection."""
+
     family = "hf"
     tower_projects = False  # vision_model returns pooler_output; the model applies visual_projection
+    lora_targets = ("fc1", "fc2")  # each CLIPEncoderLayer's mlp
 
     @classmethod
     def claims(cls, model) -> bool:
@@ -105,3 +112,62 @@ class HFClipBackend(VisionBackend):
         mask = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= first_end).long()
         out = self.model.get_text_features(input_ids=tokens, attention_mask=mask)
         return out if torch.is_tensor(out) else out.pooler_output
+
+    def token_embedding(self):
+        text = getattr(self.model, "text_model", None)
+        if text is None:
+            raise self._missing(f"token_embedding for {type(self.model).__name__} (it has no text tower)")
+        return text.embeddings.token_embedding
+
+    def cls_attention(self, images):
+        model = self.model
+        # sdpa / flash attention return no weights: switch to eager for the call, then back
+        impl = getattr(model.config, "_attn_implementation", None)
+        switch = impl not in (None, "eager") and hasattr(model, "set_attn_implementation")
+        if switch:
+            model.set_attn_implementation("eager")
+        try:
+            out = model.vision_model(pixel_values=images.to(self.compute_weight().dtype), output_attentions=True)
+        finally:
+            if switch:
+                model.set_attn_implementation(impl)
+        if not out.attentions or out.attentions[-1] is None:
+            raise ValueError("the transformers model returned no attentions; load it with attn_implementation='eager'")
+        return out.attentions[-1].float().mean(1)[:, 0, 1:]
+
+    # --- building and loading ----------------------------------------------------------------------
+    @classmethod
+    def build_tiny(cls, cfg):
+        from transformers import CLIPConfig, CLIPModel
+        config = CLIPConfig(
+            projection_dim=cfg["embed_dim"],
+            text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=cfg["text_width"],
+                             intermediate_size=4 * cfg["text_width"], num_hidden_layers=cfg["text_layers"],
+                             num_attention_heads=cfg["text_heads"], max_position_embeddings=cfg["context_length"],
+                             bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
+            vision_config=dict(hidden_size=cfg["vision_width"], intermediate_size=4 * cfg["vision_width"],
+                               num_hidden_layers=cfg["vision_layers"], num_attention_heads=cfg["vision_heads"],
+                               image_size=cfg["image_size"], patch_size=cfg["patch_size"]),
+        )
+        return CLIPModel(config)
+
+    @classmethod
+    def load_pretrained(cls, name, pretrained, device="cpu"):
+        from transformers import CLIPModel
+        model = CLIPModel.from_pretrained(name).to(device)
+        size = model.config.vision_config.image_size
+        ctx = int(model.config.text_config.max_position_embeddings)
+        return Loaded(model, bpe_tokenizer(ctx), clip_transform(size), size,
+                      {"kind": "clip_bpe", "context_length": ctx})
+
+    def architecture(self):
+        return {"config": self.model.config.to_dict(), "class": type(self.model).__name__}
+
+    @classmethod
+    def build_architecture(cls, name, image_size, arch, tiny=None):
+        import transformers
+        class_name = arch.get("class", "CLIPModel")
+        if class_name not in _CLASSES:
+            raise ValueError(f"saved hf class {class_name!r} is not a CLIP class e2-adapter rebuilds")
+        config = getattr(transformers, _CLASSES[class_name]).from_dict(arch["config"])
+        return getattr(transformers, class_name)(config), clip_transform(image_size)

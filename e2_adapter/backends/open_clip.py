@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .base import UnsupportedModelError, describe, trim_after_end
+from .base import CLIP_VOCAB_SIZE, Loaded, UnsupportedModelError, clip_transform, describe, trim_after_end
 from .conv_vit import ConvViTBackend
 
 
 class OpenClipBackend(ConvViTBackend):
+    """open_clip CLIP / CustomTextCLIP with a VisionTransformer tower."""
+
     family = "open_clip"
 
     @classmethod
@@ -35,6 +37,44 @@ class OpenClipBackend(ConvViTBackend):
                 f"{name} has output_tokens=True; E2 drops patch tokens in its last block, so it cannot return "
                 "them. Set model.visual.output_tokens = False before wrapping.")
 
+    # --- building and loading ----------------------------------------------------------------------
+    @classmethod
+    def build_tiny(cls, cfg):
+        import open_clip
+        return open_clip.CLIP(
+            embed_dim=cfg["embed_dim"],
+            vision_cfg=dict(image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["vision_width"],
+                            layers=cfg["vision_layers"], head_width=cfg["vision_width"] // cfg["vision_heads"]),
+            text_cfg=dict(context_length=cfg["context_length"], vocab_size=CLIP_VOCAB_SIZE, width=cfg["text_width"],
+                          heads=cfg["text_heads"], layers=cfg["text_layers"]),
+        )
+
+    @classmethod
+    def load_pretrained(cls, name, pretrained, device="cpu"):
+        import open_clip
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if pretrained in (None, "", "none") else pretrained, device=device)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return Loaded(model, open_clip.get_tokenizer(name), preprocess, int(size), {"kind": cls.family, "name": name})
+
+    def architecture(self):
+        return {}  # the model name (a tiny config or open_clip's own) rebuilds it
+
+    @classmethod
+    def build_architecture(cls, name, image_size, arch, tiny=None):
+        if tiny is not None:
+            return cls.build_tiny(tiny), clip_transform(image_size)
+        import open_clip
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        return model, preprocess
+
+    @classmethod
+    def tokenizer_from_spec(cls, spec):
+        import open_clip
+        return open_clip.get_tokenizer(spec["name"])
+
+    # --- the five steps and the text tower ---------------------------------------------------------
     def embed(self, images, **kwargs):
         x = super().embed(images)
         return self.tower.patch_dropout(x)  # keeps token 0 (CLS), drops patches while training

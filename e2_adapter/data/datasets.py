@@ -13,10 +13,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..backends.base import CLIP_MEAN, CLIP_STD
 from .catalogue import ProductCatalogue
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 

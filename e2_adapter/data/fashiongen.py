@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from ..config import DEFAULT_ENTITIES
 from .catalogue import Box, DataFormatError, ProductCatalogue, looks_double_encoded
 
 FASHIONGEN_KEYS = (
@@ -30,7 +31,7 @@ FASHIONGEN_KEYS = (
     "input_image", "input_msrpUSD", "input_name", "input_pose", "input_productID",
     "input_season", "input_subcategory",
 )
-FASHIONGEN_ENTITIES = ("brand", "season", "subcategory", "composition")
+FASHIONGEN_ENTITIES = DEFAULT_ENTITIES  # the paper's four entities are FashionGen's tags
 ENTITY_KEYS = {e: f"input_{e}" for e in FASHIONGEN_ENTITIES}
 # Fields a text template may use: every string column, by its short name.
 TEXT_FIELDS = ("brand", "category", "composition", "concat_description", "department",

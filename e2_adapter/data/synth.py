@@ -31,10 +31,11 @@ from typing import Callable, Sequence
 import h5py
 import numpy as np
 
+from ..config import DEFAULT_ENTITIES
 
 TRAIN_FILE = "fashionsynth_train.h5"
 VALIDATION_FILE = "fashionsynth_validation.h5"
-SYNTH_ENTITIES = ("brand", "season", "subcategory", "composition")
+SYNTH_ENTITIES = DEFAULT_ENTITIES  # the paper's four entities are FashionGen's tags
 
 _WORLD_SEED = 20241210  # fixes the look of the world (glyphs); independent of the sample seed
 _BACKGROUND = np.array([248.0, 248.0, 246.0])

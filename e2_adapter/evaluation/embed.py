@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from ..backends import VisionBackend
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import EvalImages, collate
+from ..torch_utils import model_device
 from ..wrap import encode_image_regions, get_backend, is_wrapped
 from ..training.distributed import gather_shards, shard
 from .linear_probe import probe_entities
@@ -30,14 +31,10 @@ class CatalogueEmbeddings:
     regions: dict[str, torch.Tensor] | None = None   # entity -> [N, D] (wrapped models only)
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def embed_texts(backend: VisionBackend, tokenizer, texts: list[str], batch_size: int = 256,
                 distributed: bool = False) -> torch.Tensor:
-    device = _device_of(backend.model)
+    device = model_device(backend.model)
     mine, counts = shard(len(texts), distributed)
     texts = texts[mine.start:mine.stop]
     chunks = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
@@ -52,7 +49,7 @@ def embed_catalogue(model, catalogue: ProductCatalogue, transform, tokenizer, vi
     was_training = model.training
     model.eval()
     backend = get_backend(model)
-    device = _device_of(model)
+    device = model_device(model)
     want_regions = regions and is_wrapped(model)
     images, region_rows = [], {}
     dataset = EvalImages(catalogue, transform, views=views)

@@ -9,12 +9,12 @@ of the model's own logit scale times the cosine, over that entity's labels.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..torch_utils import eval_mode, model_device
 from ..training.distributed import gather_shards, shard
 from ..wrap import encode_image_regions, get_backend, is_wrapped
 from .bundle import parts
@@ -32,17 +32,6 @@ class Prediction:
         return asdict(self)
 
 
-@contextmanager
-def eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
 def logit_scale(model) -> float:
     scale = get_backend(model).logit_scale
     return float(scale.detach().exp()) if scale is not None else 100.0  # CLIP's trained value when a model has none
@@ -53,7 +42,7 @@ def embed_images(model, images, preprocess=None, regions: bool = False, batch_si
     """Normalised global embeddings [N, D] and (``regions``) {entity: [N, D]} from the region heads.
     ``distributed``: under torchrun each rank embeds a contiguous block and all get every row back."""
     backend = get_backend(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     if regions and not is_wrapped(model):
         raise ValueError("region embeddings need an E2 model (wrapped, or loaded from a save_pretrained "
                          "folder with an adapter); this model is a plain CLIP")

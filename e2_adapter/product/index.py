@@ -26,7 +26,8 @@ from ..training.distributed import rank_and_world
 from ..wrap import get_adapter, get_backend, is_wrapped
 from ..zoo import ClipBundle, source_of
 from .bundle import parts
-from .classify import embed_images, eval_mode
+from ..torch_utils import eval_mode, model_device
+from .classify import embed_images
 from .images import CatalogueImages
 from .tag import tag
 from .vocab import vocabulary_from_catalogue
@@ -219,7 +220,7 @@ class CatalogueIndex:
         model, tokenizer, _ = parts(model, tokenizer)
         backend = get_backend(model)
         with eval_mode(model):
-            query = backend.encode_text(tokenizer([text]).to(next(model.parameters()).device))[0].float()
+            query = backend.encode_text(tokenizer([text]).to(model_device(model)))[0].float()
         return self.search(F.normalize(query, dim=-1), k, filters)
 
     def search_image(self, model, image, k: int = 10, filters=None, *, preprocess=None) -> list[Hit]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.catalogue import ProductCatalogue
+from ..torch_utils import model_device
 from ..wrap import get_backend
 
 # Zero-shot prompts for the global embedding, one list per entity (FashionSynth/FashionGen tag values).
@@ -93,7 +94,7 @@ def label_embeddings(model, tokenizer, labels: list[str], templates: tuple[str, 
                      batch_size: int = 256) -> torch.Tensor:
     """[len(labels), D]: each label's normalised text embeddings averaged over the templates, normalised."""
     backend = get_backend(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     texts = [t.format(label) for label in labels for t in templates]
     rows = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float()
             for i in range(0, len(texts), batch_size)]

@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..backends import backend_for, unwrap_peft
+from ..torch_utils import model_device
 from ..wrap import encode_image_regions, get_adapter, get_backend, is_wrapped, wrap
-from ..config import E2Config
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
 from ..evaluation.embed import evaluate
@@ -65,22 +66,20 @@ class TrainState:
 
 # --- model preparation ------------------------------------------------------------------------
 
-DEFAULT_LORA_TARGETS = {"open_clip": ("c_fc", "c_proj"), "openai": ("c_fc", "c_proj"), "hf": ("fc1", "fc2")}
-
-
 def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
     """E2: wrap the vision tower. LoRA: add peft adapters to both towers (E2 stays trainable)."""
     if cfg.method == "e2":
-        wrap(model, config=E2Config.from_preset(
-            cfg.preset, entities=cfg.entities, tokens_per_entity=cfg.tokens_per_entity,
-            fusion_after=cfg.fusion_after, gumbel_tau=cfg.tau_start))
+        wrap(model, config=cfg.adapter)  # its gumbel_tau is cfg.tau_start, annealed by the loop
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     elif cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
-        targets = list(cfg.lora_targets or DEFAULT_LORA_TARGETS[family])
+        targets = list(cfg.lora_targets or backend_for(model).lora_targets)
+        if not targets:
+            raise ValueError(f"the {backend_for(model).family} backend names no default LoRA targets: "
+                             "set lora_targets (--lora-targets)")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets))
     return model
 
@@ -135,7 +134,7 @@ class ContrastiveObjective(nn.Module):
         (filled lazily, each value's embedding depended on which batch first asked for it)."""
         self.tag_cache.clear()
         values = sorted(set(values))
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         with torch.no_grad():
             for i in range(0, len(values), chunk):
                 part = values[i:i + chunk]
@@ -143,7 +142,7 @@ class ContrastiveObjective(nn.Module):
 
     def encode_tags(self, values: list[str], text_frozen: bool) -> torch.Tensor:
         backend = self.backend
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         if not text_frozen:
             self.tag_cache.clear()
             return backend.encode_text(self.tokenizer(values).to(device))
@@ -326,6 +325,10 @@ class Trainer:
     def check_resumable(self, checkpoint: dict) -> None:
         """The checkpoint must come from this recipe and this model, or resuming silently mixes runs."""
         saved, now = checkpoint.get("config", {}), self.cfg.to_dict()
+        try:  # a checkpoint from before the adapter section: compare its options in today's form
+            saved = TrainConfig.from_dict(saved, warn=False).to_dict()
+        except (ValueError, TypeError):
+            pass  # options this version cannot read: reported as they are below
         changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                    if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
         if changed:
@@ -470,7 +473,7 @@ class Trainer:
             dist.barrier()
 
     def base_model(self) -> nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrap_peft(self.model)
 
     def save_best(self) -> None:
         """The best model as a save_pretrained folder (both towers, LoRA merged, E2; ``best/adapter`` alone)."""

@@ -5,16 +5,21 @@ so swapping CLIP-FT for E2 (or back) is a one-line change and can never touch de
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e2_adapter.backends import UnsupportedModelError
+from e2_adapter.torch_utils import eval_mode, model_device  # noqa: F401  (re-exported)
+from e2_adapter.wrap import clip_towers
+
 
 class ClipLike(Protocol):
-    """What the captioners need: the two towers of a CLIP, projecting into one space."""
+    """What the captioners need: the two towers of a CLIP, projecting into one space. A model of a
+    family e2-adapter knows is encoded through its backend (``e2_adapter.wrap.clip_towers``), so a
+    transformers CLIPModel, which has neither method, is CLIP-like too."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
@@ -42,34 +47,16 @@ def resolve_encoder(model: ClipLike | None = None, adapter_dir: str | None = Non
         model = load_adapter(base, adapter_dir)
     if model is None:
         raise ValueError("no encoder: pass model, or adapter_dir together with base")
-    missing = [name for name in ("encode_image", "encode_text") if not callable(getattr(model, name, None))]
-    if missing:
-        raise TypeError(f"{type(model).__name__} is not CLIP-like: it lacks {', '.join(missing)}")
+    try:
+        clip_towers(model)
+    except UnsupportedModelError as err:
+        missing = [name for name in ("encode_image", "encode_text") if not callable(getattr(model, name, None))]
+        raise TypeError(f"{type(model).__name__} is not CLIP-like: it lacks {', '.join(missing)} and {err}") from err
     return model
 
 
-def model_device(model: object) -> torch.device:
-    if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def frozen(model: object) -> Iterator[None]:
-    """Eval mode and no autograd for the duration; the caller's train/eval mode is restored.
-
-    Eval mode matters for E2: its fusion blocks only sample Gumbel noise in training mode.
-    """
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            model.train()
+# One home for these (e2_adapter.torch_utils); ``frozen`` is the captioners' name for eval_mode.
+frozen = eval_mode
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -82,24 +69,24 @@ def embed_texts(model: ClipLike, tokenizer: TextTokenizerFn, texts: Sequence[str
     """L2-normalised ``encode_text`` embeddings, float32 on the CPU, shape [N, D]."""
     if len(texts) == 0:
         raise ValueError("no texts to embed")
-    device = model_device(model)
+    device, towers = model_device(model), clip_towers(model)
     out = []
     with frozen(model):
         for part in _batches(len(texts), batch_size):
             tokens = tokenizer(list(texts[part])).to(device)
-            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+            out.append(F.normalize(towers.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
 def embed_images(model: ClipLike, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised ``encode_image`` embeddings of preprocessed images, float32 on the CPU."""
-    device = model_device(model)
+    device, towers = model_device(model), clip_towers(model)
     dtype = next((p.dtype for p in model.parameters()), torch.float32) if isinstance(model, nn.Module) else torch.float32
     out = []
     with frozen(model):
         for part in _batches(len(images), batch_size):
             batch = images[part].to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
-            out.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu())
+            out.append(F.normalize(towers.encode_image(batch).float(), dim=-1).cpu())
     return torch.cat(out)
 
 

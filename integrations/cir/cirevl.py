@@ -24,16 +24,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2_adapter.torch_utils import model_device
+from e2_adapter.wrap import clip_towers
+
 from .fashioniq import FashionIQ, Triplet
 from .rewriter import Rewriter, as_rewriter
 from .text_injection import encode_text
 
 Captioner = Callable[[list[Image.Image]], list[str]]
 ImageLoader = Callable[[str], Image.Image]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def model_fingerprint(model: nn.Module, preprocess: Optional[Callable] = None) -> str:
@@ -54,11 +53,9 @@ def model_fingerprint(model: nn.Module, preprocess: Optional[Callable] = None) -
 
 
 def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The family's image embedding ``[B, D]`` (HF CLIPModel has no ``encode_image``)."""
-    if hasattr(model, "encode_image"):
-        return model.encode_image(images)
-    out = model.get_image_features(pixel_values=images)
-    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5: a model output
+    """The family's image embedding ``[B, D]``, from its backend (``clip_towers``; HF CLIPModel has no
+    ``encode_image``)."""
+    return clip_towers(model).encode_image(images)
 
 
 def file_identity(path: Path) -> str:

@@ -3,106 +3,47 @@
 A prompt such as "a photo of $ that is red" is tokenized as usual; the embedding of the placeholder
 token "$" is then replaced by a vector predicted from an image, and the rest of the text tower runs
 unchanged. We do the replacement with a forward hook on the tower's token-embedding table that lives
-only for one ``encode_text`` call: the family's own ``encode_text`` then runs exactly as it always
-does (positional embedding, attention mask, pooling, projection, dtype casts), so a prompt without
-the placeholder encodes bit-for-bit like ``model.encode_text`` and no tower code is duplicated here.
+only for one ``encode_text`` call: the family backend's own ``encode_text`` then runs exactly as it
+always does (positional embedding, attention mask, pooling, projection, dtype casts), so a prompt
+without the placeholder encodes bit-for-bit like ``get_backend(model).encode_text`` and no tower code
+is duplicated here.
 
-Families are entries of ``TEXT_TOWERS``: where the token-embedding table sits and how to call the
-tower. Adding a family is adding one entry.
+Where the token-embedding table sits is the backend's ``token_embedding()`` (``e2_adapter.backends``):
+a family that supports injection says so there, not here.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from e2_adapter.backends import UnsupportedModelError, VisionBackend
+from e2_adapter.wrap import clip_towers, get_backend
+
 PLACEHOLDER = "$"  # SEARLE's placeholder; CLIP BPE id 259. Pic2Word writes "*" (id 265).
 
 
-@dataclass(frozen=True)
-class TextTower:
-    """How to reach one family's text tower."""
-    matches: Callable[[nn.Module], bool]
-    token_embedding: Callable[[nn.Module], nn.Embedding]
-    encode: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def _has_path(model: nn.Module, path: str) -> bool:
-    obj = model
-    for name in path.split("."):
-        if not hasattr(obj, name):
-            return False
-        obj = getattr(obj, name)
-    return isinstance(obj, nn.Embedding)
-
-
-def _get_path(model: nn.Module, path: str) -> nn.Embedding:
-    obj = model
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
-def _hf_text_features(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    out = model.get_text_features(input_ids=tokens)
-    # transformers 5 returns a model output whose pooler_output is the projected feature.
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def _encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return model.encode_text(tokens)
-
-
-def _module_root(model: nn.Module) -> str:
-    return type(model).__module__.split(".")[0]
-
-
-# Order matters: the first entry whose ``matches`` accepts the model is used.
-TEXT_TOWERS: dict[str, TextTower] = {
-    # open_clip.CLIP and OpenAI clip.model.CLIP keep the text tower on the model itself.
-    "open_clip": TextTower(
-        matches=lambda m: _module_root(m) == "open_clip" and _has_path(m, "token_embedding"),
-        token_embedding=lambda m: m.token_embedding, encode=_encode_text),
-    # open_clip.CustomTextCLIP with its own TextTransformer (not an HF text encoder).
-    "open_clip_custom_text": TextTower(
-        matches=lambda m: _module_root(m) == "open_clip" and _has_path(m, "text.token_embedding"),
-        token_embedding=lambda m: m.text.token_embedding, encode=_encode_text),
-    "openai": TextTower(
-        matches=lambda m: _module_root(m) == "clip" and _has_path(m, "token_embedding"),
-        token_embedding=lambda m: m.token_embedding, encode=_encode_text),
-    "hf": TextTower(
-        matches=lambda m: _has_path(m, "text_model.embeddings.token_embedding"),
-        token_embedding=lambda m: m.text_model.embeddings.token_embedding,
-        encode=lambda m, t: m.encode_text(t) if hasattr(m, "encode_text") else _hf_text_features(m, t)),
-    # Any other CLIP-like model (e.g. a subclass in a user's package) exposing the same attributes.
-    "generic": TextTower(
-        matches=lambda m: hasattr(m, "encode_text") and _has_path(m, "token_embedding"),
-        token_embedding=lambda m: m.token_embedding, encode=_encode_text),
-}
-
-
-def text_tower(model: nn.Module) -> TextTower:
-    """The ``TextTower`` entry for ``model``; a clear error for towers we cannot inject into."""
-    for tower in TEXT_TOWERS.values():
-        if tower.matches(model):
-            return tower
-    raise TypeError(
-        f"cannot inject pseudo tokens into {type(model).__module__}.{type(model).__name__}: no "
-        f"token-embedding table found (supported: {', '.join(TEXT_TOWERS)}). Text towers built on "
-        "an HF language model (open_clip hf-text configs) need their own TEXT_TOWERS entry.")
+def text_backend(model: nn.Module) -> VisionBackend:
+    """The family backend of ``model``; a clear error for models we cannot inject into."""
+    try:
+        backend = get_backend(model)
+        backend.token_embedding()
+    except (UnsupportedModelError, NotImplementedError) as err:
+        raise TypeError(f"cannot inject pseudo tokens into {type(model).__module__}.{type(model).__name__}: "
+                        f"{err}") from err
+    return backend
 
 
 def token_width(model: nn.Module) -> int:
     """Width of the text tower's token embeddings (the size a pseudo token must have)."""
-    return text_tower(model).token_embedding(model).embedding_dim
+    return text_backend(model).token_embedding().embedding_dim
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The family's ordinary text encoding, ``[B, D]`` (HF CLIPModel has no ``encode_text``)."""
-    return text_tower(model).encode(model, tokens)
+    return clip_towers(model).encode_text(tokens)
 
 
 def placeholder_token_id(tokenizer: Callable[[list[str]], torch.Tensor], placeholder: str = PLACEHOLDER) -> int:
@@ -129,7 +70,7 @@ def injected(model: nn.Module, tokens: torch.Tensor, pseudo_tokens: torch.Tensor
              placeholder_id: int) -> Iterator[None]:
     """Within the block, the text tower's embedding of ``tokens`` has the first placeholder of
     row i replaced by ``pseudo_tokens[i]``. Rows without a placeholder are left untouched."""
-    table = text_tower(model).token_embedding(model)
+    table = text_backend(model).token_embedding()
     if pseudo_tokens.dim() != 2 or pseudo_tokens.shape[0] != tokens.shape[0]:
         raise ValueError(f"pseudo_tokens must be [B, width] with B = {tokens.shape[0]} prompts, "
                          f"got shape {tuple(pseudo_tokens.shape)}")
@@ -142,7 +83,9 @@ def injected(model: nn.Module, tokens: torch.Tensor, pseudo_tokens: torch.Tensor
     cols = positions[rows]
 
     def replace(module, inputs, output):
-        if inputs[0].shape != tokens.shape:
+        # The backend may drop the padding after the last end token (never a placeholder) first.
+        ids = inputs[0]
+        if ids.shape[0] != tokens.shape[0] or not torch.equal(ids, tokens[:, :ids.shape[1]]):
             raise RuntimeError("token embedding was called with other tokens than the injected prompt")
         output = output.clone()  # the table's output may be reused by autograd; do not edit in place
         output[rows, cols] = pseudo_tokens[rows].to(output.dtype)

@@ -1,0 +1,1 @@
+"""The two-stage trainer (trainer.py), its config (config.py), checkpoints and torchrun support."""
