@@ -282,3 +282,20 @@ def test_a_model_without_clip_structure_is_still_refused():
 
     with pytest.raises(e2_adapter.backends.UnsupportedModelError, match="not a CLIP family"):
         e2_adapter.wrap(NotClip())
+
+
+# --- bf16 autocast at step 0 (clip_benchmark's default --amp) ---------------------------------------
+
+def test_bf16_autocast_step_0_wrapped_equals_unwrapped_to_bf16_rounding(family, one_thread):
+    """Measured (README): wrapped and unwrapped under the same bf16 autocast differ by 0 on these tiny
+    models; both differ from fp32 by bf16's rounding (1.3-2.6e-2 on embeddings of magnitude ~3)."""
+    base = make_tiny(family)
+    wrapped = e2_adapter.wrap(copy.deepcopy(base))
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    encode = lambda m: e2_adapter.get_backend(m).encode_image(images).float()
+    with torch.no_grad():
+        fp32 = encode(base)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = encode(wrapped), encode(base)
+    assert_close_relative(a, b, 2 ** -8, "bf16 autocast, wrapped vs unwrapped")
+    assert_close_relative(b, fp32, 2e-2, "bf16 autocast vs fp32")  # the rounding the README states
