@@ -31,6 +31,9 @@ from .fashioniq import FashionIQ, Triplet, join_captions
 from .text_injection import PLACEHOLDER, encode_text_with_pseudo_tokens, placeholder_token_id, token_width
 
 CONFIG_NAME = "mapper_config.json"
+# Pic2Word's IM2TEXT puts dropout before its ReLU; dropout scales by a non-negative mask, so the two
+# orders compute the same function and share this layout (and its state-dict keys).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 WEIGHTS_NAME = "mapper.safetensors"
 
 
@@ -41,6 +44,7 @@ class MapperConfig:
     hidden_dim: int = 2048
     hidden_layers: int = 2
     dropout: float = 0.5
+    activation: str = "gelu"  # "gelu" (SEARLE's phi) or "relu" (Pic2Word's IM2TEXT: hidden 512, dropout 0.1)
     placeholder: str = PLACEHOLDER
     train_prompt: str = "a photo of $"
     query_prompt: str = "a photo of $ that {modification}"
@@ -53,6 +57,8 @@ class MapperConfig:
             raise ValueError("query_prompt must contain '{modification}'")
         if self.hidden_layers < 0:
             raise ValueError("hidden_layers must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -75,7 +81,7 @@ class PseudoWordMapper(nn.Module):
         self.config = config
         layers, width = [], config.input_dim
         for _ in range(config.hidden_layers):
-            layers += [nn.Linear(width, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout)]
+            layers += [nn.Linear(width, config.hidden_dim), ACTIVATIONS[config.activation](), nn.Dropout(config.dropout)]
             width = config.hidden_dim
         layers.append(nn.Linear(width, config.output_dim))
         self.layers = nn.Sequential(*layers)
