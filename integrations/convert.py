@@ -27,6 +27,7 @@ the default ``GPT2Config`` apart from the sizes in the weights (``n_head`` is no
 """
 from __future__ import annotations
 
+import pathlib
 import pickle
 import re
 from pathlib import Path
@@ -47,7 +48,10 @@ def read_state(source, keys: tuple[str, ...] = (), what: str = "checkpoint") -> 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
+            # pathlib paths only (SEARLE's save_checkpoint stores its training folder); nothing that runs code
+            with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                                                   pathlib.PureWindowsPath]):
+                source = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise OriginalCheckpointError(
                 f"{path} holds more than tensors and plain containers (it would run code to load), so it is "

@@ -239,8 +239,68 @@ def test_pic2word_im2text_converts_as_the_relu_variant_and_reproduces_its_output
         assert torch.allclose(mapper(x), a, atol=1e-6)
 
 
+def test_searle_training_checkpoint_with_its_path_entry_loads(tmp_path):
+    """SEARLE's save_checkpoint stores its training folder as a pathlib.Path beside the weights."""
+    phi = nn.Module()
+    phi.layers = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.5), nn.Linear(16, 8))
+    torch.save({"epoch": 2, "Phi": phi.state_dict(), "training_path": tmp_path / "run"}, tmp_path / "ckpt.pt")
+    mapper = mapper_from_searle(tmp_path / "ckpt.pt")
+    assert mapper.config.hidden_layers == 1
+    with torch.no_grad():
+        x = torch.randn(3, 8)
+        assert torch.allclose(mapper(x), phi.eval().layers(x), atol=1e-6)
+
+
 def test_mapper_converters_name_a_wrong_file():
     with pytest.raises(OriginalCheckpointError, match="not a Pic2Word IM2TEXT"):
         mapper_from_pic2word({"layers.0.weight": torch.zeros(2, 2)})
     with pytest.raises(OriginalCheckpointError, match="not a SEARLE Phi"):
         mapper_from_searle({"fc_out.weight": torch.zeros(2, 2)})
+
+
+# --- options that give the originals' behaviour ---------------------------------------------------
+
+def test_decap_truncation_and_raw_decode_options_match_decap(one_thread):
+    from integrations.decap import DeCap, DeCapConfig
+    long = " ".join(["red"] * 30)
+    ours = DeCap(DeCapConfig(embed_dim=8, n_layer=1, n_head=2, n_embd=16))
+    theirs = DeCap(DeCapConfig(embed_dim=8, n_layer=1, n_head=2, n_embd=16, keep_end_on_truncate=False,
+                               rewrite_text=False))
+    a, b = ours.encode_captions([long, "a bag"]), theirs.encode_captions([long, "a bag"])
+    assert a[0, -1] == ours.eos_id and b[0, -1] != theirs.eos_id  # DeCap cuts the end token of long captions
+    assert torch.equal(a[1], b[1])  # short captions are the same
+    bpe = ours.tokenizer.encode(long)
+    assert b[0, 1:].tolist() == [theirs._to_decoder[t] for t in bpe[:19]]  # clip.tokenize(...)[:20]
+    pct = [ours._to_decoder[t] for t in ours.tokenizer.encode("96% cotton")]
+    assert ours.decode(pct) == "96% cotton" and theirs.decode(pct) == "9 6 % cotton"
+
+
+def test_capdec_uniform_noise_and_modality_offset():
+    from integrations.capdec import inject_noise
+    x = torch.randn(2000, 16)
+    g = torch.Generator().manual_seed(0)
+    ball = inject_noise(x, 0.016, generator=g, renormalize=False, uniform=True) - F.normalize(x, dim=-1)
+    radius = ball.norm(dim=-1)
+    assert radius.max() <= 0.016 ** 0.5 + 1e-6 and radius.min() > 0.5 * 0.016 ** 0.5  # in the ball, mostly near its edge
+    offset = torch.full((16,), 0.1)
+    moved = inject_noise(x, 0.0, renormalize=False, modality_offset=offset)
+    assert torch.allclose(moved, F.normalize(x, dim=-1) + offset)
+
+
+def test_pic2word_mapper_trains_with_pic2word_weight_decay(monkeypatch):
+    from integrations.cir import pic2word
+    seen = {}
+
+    def spy(params, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(pic2word.torch.optim, "AdamW", spy)
+    model = __import__("conftest").make_tiny("open_clip")
+    from e2_adapter.zoo import create_clip
+    tok = create_clip("open_clip", "tiny").tokenizer
+    for activation, decay in (("relu", 0.1), ("gelu", 0.01)):
+        cfg = pic2word.MapperConfig(input_dim=model.visual.proj.shape[1], output_dim=model.token_embedding.embedding_dim,
+                                    hidden_dim=8, activation=activation)
+        with pytest.raises(RuntimeError, match="stop"):
+            pic2word.train_mapper(model, tok, torch.randn(4, cfg.input_dim), cfg, steps=1)
+        assert seen["weight_decay"] == decay

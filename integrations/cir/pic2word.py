@@ -156,12 +156,13 @@ def pic2word_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
 
 def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], image_embeddings: torch.Tensor,
                  config: Optional[MapperConfig] = None, *, steps: int = 1000, batch_size: int = 256,
-                 lr: float = 1e-4, weight_decay: float = 0.01, seed: int = 0,
+                 lr: float = 1e-4, weight_decay: float | None = None, seed: int = 0,
                  mapper: Optional[PseudoWordMapper] = None,
                  log: Optional[Callable[[int, float], None]] = None) -> tuple[PseudoWordMapper, list[float]]:
     """Train phi on image embeddings ``[N, D]`` (from ``model.encode_image``) with both towers frozen.
 
-    Returns the mapper (in eval mode) and the loss of every step.
+    Returns the mapper (in eval mode) and the loss of every step. ``weight_decay`` None: 0.1 for the
+    ReLU (Pic2Word) mapper, Pic2Word's value; 0.01 (AdamW's default) for the GELU (SEARLE) one.
     """
     if image_embeddings.dim() != 2 or len(image_embeddings) < 2:
         raise ValueError(f"need image embeddings [N >= 2, D], got shape {tuple(image_embeddings.shape)}")
@@ -181,6 +182,8 @@ def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     mapper.to(device).train()
+    if weight_decay is None:
+        weight_decay = 0.1 if config.activation == "relu" else 0.01
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=weight_decay)
     batch_size = min(batch_size, len(image_embeddings))
     order, cursor, losses = torch.randperm(len(image_embeddings), generator=generator), 0, []
