@@ -182,3 +182,120 @@ def test_data_parallel_replica_gradients_reach_the_original(images, monkeypatch,
     adapter = e2_adapter.get_adapter(model)
     assert adapter.tokens.grad is not None and adapter.tokens.grad.abs().sum() > 0
     assert a_block_weight(model).grad is not None
+
+
+# --- vendored copies of OpenAI's clip package ----------------------------------------------------------
+
+def vendored_clip_module(name, original_positions=False):
+    """The installed clip package's model.py loaded again under another module name, as Pic2Word and
+    many research repos vendor it (``model.model``, ``third_party.clip.model``). With
+    ``original_positions`` its encode_text adds the whole positional table, as OpenAI's own package
+    does (clip-anytorch slices it to the input's length)."""
+    import inspect
+    import sys
+    import types
+    import clip.model
+    source = inspect.getsource(clip.model)
+    if original_positions:
+        sliced = "self.positional_embedding[:n_ctx]"
+        assert sliced in source, "clip-anytorch changed: the test's rewrite no longer applies"
+        source = source.replace(sliced, "self.positional_embedding")
+    module = types.ModuleType(name)
+    module.__file__ = f"<vendored {name}>"
+    sys.modules[name] = module  # deepcopy / pickling of classes look the module up by name
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def tiny_vendored(module, resnet=False, seed=0):
+    from e2_adapter.zoo import VOCAB_SIZE, tiny_config
+    cfg = tiny_config("tiny")
+    torch.manual_seed(seed)
+    return module.CLIP(embed_dim=cfg["embed_dim"], image_resolution=64 if resnet else cfg["image_size"],
+                       vision_layers=(1, 1, 1, 1) if resnet else cfg["vision_layers"],
+                       vision_width=8 if resnet else cfg["vision_width"], vision_patch_size=cfg["patch_size"],
+                       context_length=cfg["context_length"], vocab_size=VOCAB_SIZE,
+                       transformer_width=cfg["text_width"], transformer_heads=cfg["text_heads"],
+                       transformer_layers=cfg["text_layers"]).eval()
+
+
+def short_tokens(context_length):
+    tokens = torch.zeros(2, context_length, dtype=torch.long)
+    tokens[:, 0], tokens[0, 1:4], tokens[0, 4], tokens[1, 1] = 49406, torch.tensor([5, 6, 7]), 49407, 49407
+    return tokens
+
+
+@pytest.mark.parametrize("original_positions", (False, True), ids=("anytorch-copy", "openai-copy"))
+def test_vendored_openai_clip_wraps_and_equals_unwrapped_at_step_0(original_positions, images, one_thread):
+    module = vendored_clip_module(f"vendored_{int(original_positions)}.model", original_positions)
+    model = tiny_vendored(module)
+    assert type(model).__module__ != "clip.model"
+    tokens = short_tokens(model.context_length)
+    with torch.no_grad():
+        expected_image, expected_text = model.encode_image(images), model.encode_text(tokens)
+    e2_adapter.wrap(model)  # the default (gated) preset starts where CLIP is
+    backend = e2_adapter.get_backend(model)
+    assert backend.family == "openai"
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), expected_image, atol=1e-6)
+        assert torch.allclose(backend.encode_image(images), expected_image, atol=1e-6)
+        assert torch.allclose(backend.encode_text(tokens), expected_text, atol=1e-6)
+        out = e2_adapter.encode_image_regions(model, images)
+    assert torch.allclose(out.image, expected_image, atol=1e-6) and len(out.regions) == 4
+    e2_adapter.unwrap(model)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), expected_image)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_vendored_copy_wraps_as_the_package_does(preset, images, one_thread):
+    """Every preset: a vendored copy wrapped computes what clip.model's CLIP wrapped computes."""
+    vendored = tiny_vendored(vendored_clip_module("vendored_twin.model"))
+    packaged = make_tiny("openai")
+    packaged.load_state_dict(vendored.state_dict())
+    for model in (vendored, packaged):
+        torch.manual_seed(3)
+        e2_adapter.wrap(model, preset=preset)
+    with torch.no_grad():
+        a, b = e2_adapter.encode_image_regions(vendored, images), e2_adapter.encode_image_regions(packaged, images)
+    assert torch.equal(a.image, b.image) and torch.equal(a.selections, b.selections)
+    assert all(torch.equal(a.regions[k], b.regions[k]) for k in b.regions)
+
+
+def test_vendored_resnet_clip_is_refused_with_the_reason():
+    model = tiny_vendored(vendored_clip_module("vendored_rn.model"), resnet=True)
+    with pytest.raises(e2_adapter.backends.UnsupportedModelError, match="ResNet"):
+        e2_adapter.wrap(model)
+
+
+def test_a_model_without_clip_structure_is_still_refused():
+    class NotClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Linear(3, 3)
+
+        def encode_image(self, x):
+            return self.visual(x)
+
+        def encode_text(self, x):
+            return x
+
+    with pytest.raises(e2_adapter.backends.UnsupportedModelError, match="not a CLIP family"):
+        e2_adapter.wrap(NotClip())
+
+
+# --- bf16 autocast at step 0 (clip_benchmark's default --amp) ---------------------------------------
+
+def test_bf16_autocast_step_0_wrapped_equals_unwrapped_to_bf16_rounding(family, one_thread):
+    """Measured (README): wrapped and unwrapped under the same bf16 autocast differ by 0 on these tiny
+    models; both differ from fp32 by bf16's rounding (1.3-2.6e-2 on embeddings of magnitude ~3)."""
+    base = make_tiny(family)
+    wrapped = e2_adapter.wrap(copy.deepcopy(base))
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    encode = lambda m: e2_adapter.get_backend(m).encode_image(images).float()
+    with torch.no_grad():
+        fp32 = encode(base)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = encode(wrapped), encode(base)
+    assert_close_relative(a, b, 2 ** -8, "bf16 autocast, wrapped vs unwrapped")
+    assert_close_relative(b, fp32, 2e-2, "bf16 autocast vs fp32")  # the rounding the README states

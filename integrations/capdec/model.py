@@ -7,6 +7,14 @@ inference it tolerates the offset between a caption's embedding and its image's 
 Reference hyper-parameters (CapDec / ClipCap): transformer mapper with 8 layers, 8 heads, MLP
 ratio 2, prefix 40; MLP mapper D -> E*L/2 -> E*L with tanh, prefix 10; beam 5, stop at ".",
 at most 67 tokens.
+
+Differences from CapDec's code: the MLP mapper's default prefix is 10 (ClipCap's MLP setting, kept
+because a 40-token MLP prefix is a D -> 20E -> 40E network; CapDec's train.py defaults to
+--prefix_length 40 whatever the mapper: pass ``prefix_length=40`` to match it); training targets end
+with the tokenizer's end-of-text token, which CapDec's captions do not have (the shim can stop at it
+when a caption has no "."); noise options ``uniform_noise`` and ``train_capdec(modality_offset=...)``
+are CapDec's ``--uniform_noise`` / ``--add_modality_offset`` (off by default, as there). Checkpoints of
+CapDec's train.py load with ``integrations.convert.capdec_from_original``.
 """
 from __future__ import annotations
 
@@ -29,16 +37,27 @@ DEFAULT_PREFIX_LENGTH = {"transformer": 40, "mlp": 10}
 
 
 def inject_noise(embeddings: torch.Tensor, variance: float = 0.016, generator: torch.Generator | None = None,
-                 renormalize: bool = True) -> torch.Tensor:
+                 renormalize: bool = True, uniform: bool = False,
+                 modality_offset: torch.Tensor | None = None) -> torch.Tensor:
     """CapDec's noise: L2-normalise, add N(0, variance) per dimension, L2-normalise again.
 
+    ``uniform=True``: CapDec's ``--uniform_noise``, a point drawn uniformly from the ball of radius
+    sqrt(variance) instead (a random direction, radius ``sqrt(variance) * u ** (1 / D)``).
+    ``modality_offset``: CapDec's ``--add_modality_offset``, a [D] vector (the mean image embedding
+    minus the mean text embedding) added after the noise, before the second normalisation.
     With ``renormalize=False`` the noisy vector is returned before the second normalisation
     (what the statistics in the paper describe).
     """
     x = F.normalize(embeddings.float(), dim=-1)
     if variance > 0:
-        noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
+        cpu = "cpu" if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=cpu)
+        if uniform:
+            radius = torch.rand(x.shape[0], 1, generator=generator, device=cpu) ** (1.0 / x.shape[1])
+            noise = F.normalize(noise, dim=-1) * radius
         x = x + noise.to(x.device) * math.sqrt(variance)
+    if modality_offset is not None:
+        x = x + modality_offset.to(x.device, x.dtype)
     return F.normalize(x, dim=-1) if renormalize else x
 
 
@@ -51,6 +70,7 @@ class CapDecConfig:
     mapper_layers: int = 8
     mapper_heads: int = 8
     noise_variance: float = 0.016
+    uniform_noise: bool = False         # CapDec's --uniform_noise (see inject_noise)
     stop_token: str | None = "."        # None: captions end only at the tokenizer's end-of-text
     max_tokens: int = 67
     beam_size: int = 5

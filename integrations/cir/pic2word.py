@@ -31,6 +31,9 @@ from .fashioniq import FashionIQ, Triplet, join_captions
 from .text_injection import PLACEHOLDER, encode_text_with_pseudo_tokens, placeholder_token_id, token_width
 
 CONFIG_NAME = "mapper_config.json"
+# Pic2Word's IM2TEXT puts dropout before its ReLU; dropout scales by a non-negative mask, so the two
+# orders compute the same function and share this layout (and its state-dict keys).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 WEIGHTS_NAME = "mapper.safetensors"
 
 
@@ -41,6 +44,7 @@ class MapperConfig:
     hidden_dim: int = 2048
     hidden_layers: int = 2
     dropout: float = 0.5
+    activation: str = "gelu"  # "gelu" (SEARLE's phi) or "relu" (Pic2Word's IM2TEXT: hidden 512, dropout 0.1)
     placeholder: str = PLACEHOLDER
     train_prompt: str = "a photo of $"
     query_prompt: str = "a photo of $ that {modification}"
@@ -53,6 +57,8 @@ class MapperConfig:
             raise ValueError("query_prompt must contain '{modification}'")
         if self.hidden_layers < 0:
             raise ValueError("hidden_layers must be >= 0")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -75,7 +81,7 @@ class PseudoWordMapper(nn.Module):
         self.config = config
         layers, width = [], config.input_dim
         for _ in range(config.hidden_layers):
-            layers += [nn.Linear(width, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout)]
+            layers += [nn.Linear(width, config.hidden_dim), ACTIVATIONS[config.activation](), nn.Dropout(config.dropout)]
             width = config.hidden_dim
         layers.append(nn.Linear(width, config.output_dim))
         self.layers = nn.Sequential(*layers)
@@ -150,12 +156,13 @@ def pic2word_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
 
 def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], image_embeddings: torch.Tensor,
                  config: Optional[MapperConfig] = None, *, steps: int = 1000, batch_size: int = 256,
-                 lr: float = 1e-4, weight_decay: float = 0.01, seed: int = 0,
+                 lr: float = 1e-4, weight_decay: float | None = None, seed: int = 0,
                  mapper: Optional[PseudoWordMapper] = None,
                  log: Optional[Callable[[int, float], None]] = None) -> tuple[PseudoWordMapper, list[float]]:
     """Train phi on image embeddings ``[N, D]`` (from ``model.encode_image``) with both towers frozen.
 
-    Returns the mapper (in eval mode) and the loss of every step.
+    Returns the mapper (in eval mode) and the loss of every step. ``weight_decay`` None: 0.1 for the
+    ReLU (Pic2Word) mapper, Pic2Word's value; 0.01 (AdamW's default) for the GELU (SEARLE) one.
     """
     if image_embeddings.dim() != 2 or len(image_embeddings) < 2:
         raise ValueError(f"need image embeddings [N >= 2, D], got shape {tuple(image_embeddings.shape)}")
@@ -175,6 +182,8 @@ def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
     mapper.to(device).train()
+    if weight_decay is None:
+        weight_decay = 0.1 if config.activation == "relu" else 0.01
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=weight_decay)
     batch_size = min(batch_size, len(image_embeddings))
     order, cursor, losses = torch.randperm(len(image_embeddings), generator=generator), 0, []

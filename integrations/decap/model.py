@@ -6,6 +6,13 @@ onto a memory bank M of normalised training-caption embeddings,
 ``normalise(softmax(e M^T / temperature) M)``, which lies in the text embedding region the
 decoder was trained on. Reference sizes: 4 layers, 4 heads, width 768, captions of 20 tokens,
 label smoothing 0.1, temperature 0.01, greedy decoding of at most 30 tokens.
+
+Differences from DeCap's code kept on purpose (``DeCapConfig``; DeCap's behaviour one option away):
+a caption longer than 20 tokens keeps its end token (``keep_end_on_truncate``; DeCap cuts it, so its
+decoder never learns to stop after a long caption), and decoded text is tidied ("9 6 %" -> "96%",
+``rewrite_text``; DeCap scores the raw BPE decode, so set it False for BLEU comparable with the paper).
+The decoder may be given a smaller output vocabulary (``for_captions``), for CPU training; DeCap's
+covers all 49,408 CLIP BPE ids. Original checkpoints load with ``integrations.convert.decap_from_original``.
 """
 from __future__ import annotations
 
@@ -36,6 +43,9 @@ class DeCapConfig:
     memory_size: int = 0            # rows of the memory bank (set by set_memory)
     vocab_size: int | None = None   # None: all of CLIP's BPE; else a compact subset (DeCap.for_captions)
     encoder: str | None = None      # which encoder's text tower trained it (for error messages)
+    # Where this shim differs from DeCap's code on purpose, each an option with DeCap's value one flag away:
+    keep_end_on_truncate: bool = True  # DeCap cuts a long caption at 20 tokens, end token included (False)
+    rewrite_text: bool = True       # join "9 6 %" into "96%"; DeCap scores the raw BPE decode (False)
 
 
 def memory_weights(embeddings: torch.Tensor, memory: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -103,7 +113,8 @@ class DeCap(nn.Module):
         self.pad_id, self.sot_id, self.eos_id = (self._to_decoder[i] for i in (tok.pad_id, tok.sot_id, tok.eos_id))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(self.vocab_ids[torch.as_tensor(ids, dtype=torch.long)].tolist())
+        return self.tokenizer.decode(self.vocab_ids[torch.as_tensor(ids, dtype=torch.long)].tolist(),
+                                     rewrite=self.config.rewrite_text)
 
     @property
     def device(self) -> torch.device:
@@ -126,17 +137,21 @@ class DeCap(nn.Module):
     def encode_captions(self, captions: Sequence[str]) -> torch.Tensor:
         """Decoder ids of [start] + BPE + [end], at most ``max_caption_tokens``, padded: [N, T].
 
-        A truncated caption keeps its end token, so decoding learns to stop where training text stopped.
+        A truncated caption keeps its end token, so decoding learns to stop where training text stopped;
+        with ``keep_end_on_truncate=False`` it is cut at the limit as DeCap's training data is (the
+        start token and the first ``max_caption_tokens - 1`` BPE tokens, no end token).
         """
         limit = self.config.max_caption_tokens
         ids = torch.full((len(captions), limit), self.pad_id, dtype=torch.long)
         for i, caption in enumerate(captions):
-            bpe = self.tokenizer.encode(caption)[: limit - 2]
+            bpe = self.tokenizer.encode(caption)
+            cut = not self.config.keep_end_on_truncate and len(bpe) > limit - 2
+            bpe = bpe[: limit - 1] if cut else bpe[: limit - 2]
             unknown = [t for t in bpe if t not in self._to_decoder]
             if unknown:
                 raise ValueError(f"caption {i} uses {len(unknown)} BPE id(s) outside this decoder's vocabulary; "
                                  "build it with DeCap.for_captions on the training captions")
-            row = [self.sot_id] + [self._to_decoder[t] for t in bpe] + [self.eos_id]
+            row = [self.sot_id] + [self._to_decoder[t] for t in bpe] + ([] if cut else [self.eos_id])
             ids[i, : len(row)] = torch.tensor(row)
         return ids
 
