@@ -5,10 +5,14 @@ from torch import nn
 
 from .base import UnsupportedModelError, VisionBackend, describe
 from .hf_clip import HFClipBackend
+from .hf_siglip import HFSiglipBackend
 from .open_clip import OpenClipBackend
+from .open_clip_timm import OpenClipTimmBackend
 from .openai_clip import OpenAIClipBackend
 
-BACKENDS: dict[str, type[VisionBackend]] = {b.family: b for b in (OpenClipBackend, OpenAIClipBackend, HFClipBackend)}
+# Asked in this order: the narrower claims (a timm tower, a Siglip class) before their library's CLIP.
+BACKENDS: dict[str, type[VisionBackend]] = {b.family: b for b in (
+    OpenClipTimmBackend, OpenClipBackend, OpenAIClipBackend, HFSiglipBackend, HFClipBackend)}
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -26,8 +30,9 @@ def backend_for(model: nn.Module) -> VisionBackend:
             backend.check()
             return backend
     raise UnsupportedModelError(
-        f"{describe(model)} is not a CLIP family e2-adapter knows; supported: open_clip CLIP/CustomTextCLIP, "
-        "OpenAI clip (clip-anytorch) CLIP, transformers CLIPModel / CLIPVisionModelWithProjection.")
+        f"{describe(model)} is not a CLIP family e2-adapter knows; supported: open_clip CLIP/CustomTextCLIP "
+        "(VisionTransformer or timm ViT towers, SigLIP included), OpenAI clip (clip-anytorch) CLIP, transformers "
+        "CLIPModel / CLIPVisionModelWithProjection / SiglipModel / SiglipVisionModel.")
 
 
 __all__ = ["BACKENDS", "VisionBackend", "UnsupportedModelError", "backend_for", "unwrap_peft"]
