@@ -26,6 +26,10 @@ class OpenClipBackend(ConvViTBackend):
             raise UnsupportedModelError(
                 f"{name} has a {kind} image tower; E2 needs a ViT image tower (its selection tokens are "
                 "tokens among the patch tokens, which a convolutional tower does not have).")
+        if getattr(tower, "attn_pool", None) is None and getattr(tower, "pool_type", "tok") == "none":
+            raise UnsupportedModelError(
+                f"{name} has pool_type='none': its tower returns every token, not a pooled embedding, so there "
+                "is no global embedding for E2 to keep.")
         if getattr(tower, "output_tokens", False):
             raise UnsupportedModelError(
                 f"{name} has output_tokens=True (CoCa's captioning decoder reads the tower's tokens); E2's "
