@@ -230,10 +230,11 @@ def build_architecture(family: str, model_name: str, image_size: int, arch: dict
         model, preprocess = CLIP(**arch), _transform(int(arch["image_resolution"]))
     else:
         import transformers
-        from transformers import CLIPConfig
-        cls = getattr(transformers, arch.get("class", "CLIPModel"))
-        if cls.__name__ not in ("CLIPModel", "CLIPVisionModelWithProjection"):
-            raise ValueError(f"saved hf class {cls.__name__!r} is not a CLIP class e2-adapter rebuilds")
-        config_cls = CLIPConfig if cls.__name__ == "CLIPModel" else transformers.CLIPVisionConfig
+        configs = {"CLIPModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPVisionConfig",
+                   "SiglipModel": "SiglipConfig", "SiglipVisionModel": "SiglipVisionConfig"}
+        name = arch.get("class", "CLIPModel")
+        if name not in configs:
+            raise ValueError(f"saved hf class {name!r} is not a CLIP / SigLIP class e2-adapter rebuilds")
+        cls, config_cls = getattr(transformers, name), getattr(transformers, configs[name])
         model, preprocess = cls(config_cls.from_dict(arch["config"])), clip_transform(image_size)
     return ClipBundle(model.to(device), make_tokenizer(tokenizer), preprocess, family, int(image_size))

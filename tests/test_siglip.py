@@ -275,3 +275,16 @@ def test_trainer_objective_uses_the_sigmoid_loss_for_siglip(name, images):
                            backend.logit_scale, loss="sigmoid", **kwargs)
     for k, v in expected.items():
         torch.testing.assert_close(parts[k], v, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_siglip_save_pretrained_round_trip(images, tmp_path):
+    """A wrapped SiglipModel is one save_pretrained folder that from_pretrained rebuilds offline."""
+    model = e2_adapter.wrap(build("hf_siglip"))
+    with torch.no_grad():
+        e2_adapter.get_adapter(model).gate.fill_(0.2)
+    source = dict(family="hf", model="siglip-tiny", pretrained=None, image_size=32,
+                  tokenizer={"kind": "clip_bpe", "context_length": 16})
+    e2_adapter.save_pretrained(model, tmp_path / "m", source=source)
+    bundle = e2_adapter.from_pretrained(tmp_path / "m")
+    assert type(bundle.model).__name__ == "SiglipModel" and e2_adapter.is_wrapped(bundle.model)
+    assert torch.equal(encode(bundle.model, images), encode(model, images))
