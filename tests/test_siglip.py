@@ -197,6 +197,8 @@ def test_resnet_and_coca_style_output_tokens_are_refused():
                                output_tokens=True)
     with pytest.raises(e2_adapter.UnsupportedModelError, match="output_tokens=True"):
         e2_adapter.wrap(coca_like)
+    with pytest.raises(e2_adapter.UnsupportedModelError, match="pool_type='none'.*every token"):
+        e2_adapter.wrap(_open_clip_vit(pool_type="none"))
 
 
 def test_hf_siglip_without_a_head_is_refused():
