@@ -10,11 +10,14 @@ reported is the median per variant. Also counts the FLOPs of one image's ``encod
 variant (torch's FlopCounterMode): the load-independent expectation for the latency ratio. Prints a
 markdown table and the machine; ``--json`` keeps every timed round, ``--render`` re-prints a saved run.
 
-    python benchmarks/overhead.py                       # ViT-B-32 and ViT-B-16, faithful and lean
+    python benchmarks/overhead.py                       # ViT-B-32, ViT-B-16, ViT-B-16-SigLIP; every preset
+    python benchmarks/overhead.py --models ViT-B-16-SigLIP --no-timing   # parameters and FLOPs only
     python benchmarks/overhead.py --models ViT-B-32 --batch 8 --repeats 3 --threads 2
     python benchmarks/overhead.py --device cuda --json overhead.json
 
 Goals from the issue: latency ratio <= 1.08 (ViT-B/32), <= 1.05 (ViT-B/16); lean <= 1.9% parameters.
+A tower that pools over its patches (ViT-B-16-SigLIP's MAP head) takes only the gated layout (wrap
+refuses the presets that drop the patches), so its other presets are skipped.
 """
 from __future__ import annotations
 
@@ -65,11 +68,14 @@ def parameter_report(wrapped: torch.nn.Module) -> dict:
 
 def image_flops(model: torch.nn.Module, size: int, device) -> int:
     """FLOPs of ``encode_image`` for one image (a multiply-add counts 2), by torch's FlopCounterMode.
-    Counted with autograd on: under inference_mode nn.MultiheadAttention takes its fused fast path,
-    whose attention the counter does not see."""
+    Counted with autograd on (under inference_mode nn.MultiheadAttention takes its fused fast path) and
+    with scaled_dot_product_attention forced onto its math kernel: the counter sees no FLOPs in the
+    fused CPU kernels (timm's and transformers' attention, and open_clip's attention product), so
+    without it the attention of every token, E2's included, went uncounted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros(1, 3, size, size, device=device)
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+    with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model.encode_image(x)
     return counter.get_total_flops()
 
@@ -99,7 +105,7 @@ def time_variants(variants: dict[str, torch.nn.Module], images: torch.Tensor, re
             for n, t in times.items()}
 
 
-def run(models, presets, batch: int, repeats: int, device: str = "cpu", log=print) -> list[dict]:
+def run(models, presets, batch: int, repeats: int, device: str = "cpu", log=print, timing: bool = True) -> list[dict]:
     import open_clip
     rows = []
     for name in models:
@@ -109,21 +115,28 @@ def run(models, presets, batch: int, repeats: int, device: str = "cpu", log=prin
         size = size[0] if isinstance(size, (tuple, list)) else size
         variants = {"unwrapped": base}
         reports = {}
+        pools = e2_adapter.get_backend(base).pools_patches
         for preset in presets:
+            if pools and preset != "gated":
+                log(f"[{name}] {preset}: skipped (the tower pools over its patches: only the gated layout applies)")
+                continue
             wrapped = e2_adapter.wrap(copy.deepcopy(base), preset=preset).eval()
             variants[preset] = wrapped
             reports[preset] = parameter_report(wrapped)
         torch.manual_seed(1)
         images = torch.randn(batch, 3, size, size, device=device)
         flops = {n: image_flops(v, size, device) for n, v in variants.items()}
-        log(f"[{name}] timing {list(variants)} at batch {batch}, {repeats} repeats ...")
-        timing = time_variants(variants, images, repeats)
-        for preset in presets:
+        if timing:
+            log(f"[{name}] timing {list(variants)} at batch {batch}, {repeats} repeats ...")
+            times = time_variants(variants, images, repeats)
+        else:  # parameters and FLOPs only
+            times = {n: {"median_ms": None, "all_ms": []} for n in variants}
+        for preset in reports:
             row = {"model": name, "preset": preset, "batch": batch, "repeats": repeats, **reports[preset],
                    "unwrapped_gflops": flops["unwrapped"] / 1e9, "wrapped_gflops": flops[preset] / 1e9,
                    "flop_ratio": flops[preset] / flops["unwrapped"],
-                   "unwrapped_ms": timing["unwrapped"]["median_ms"], "wrapped_ms": timing[preset]["median_ms"],
-                   "unwrapped_all_ms": timing["unwrapped"]["all_ms"], "wrapped_all_ms": timing[preset]["all_ms"]}
+                   "unwrapped_ms": times["unwrapped"]["median_ms"], "wrapped_ms": times[preset]["median_ms"],
+                   "unwrapped_all_ms": times["unwrapped"]["all_ms"], "wrapped_all_ms": times[preset]["all_ms"]}
             summarise(row)
             rows.append(row)
         del variants, base
@@ -134,6 +147,9 @@ def summarise(row: dict) -> dict:
     """The headline ratio (of the medians) and two views that are steadier on a shared machine:
     the ratio of the fastest runs, and the median of the per-round (adjacent in time) ratios."""
     u, w = row["unwrapped_all_ms"], row["wrapped_all_ms"]
+    if not u:  # not timed (--no-timing)
+        row["ratio"] = row["ratio_min"] = row["ratio_paired"] = None
+        return row
     row["ratio"] = row["wrapped_ms"] / row["unwrapped_ms"]
     row["ratio_min"] = min(w) / min(u)
     row["ratio_paired"] = statistics.median(b / a for a, b in zip(u, w))
@@ -148,10 +164,10 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         split = (f"{r['tokens']:,} / {r['fusion']:,} / {r['heads']:,} "
                  f"({r['tokens_pct']:.3f} / {r['fusion_pct']:.2f} / {r['heads_pct']:.2f})")
+        timed = (f"{r['unwrapped_ms']:.0f} | {r['wrapped_ms']:.0f} | {r['ratio']:.3f} | "
+                 f"({r['ratio_min']:.3f}; {r['ratio_paired']:.3f}) |") if r["ratio"] is not None else "- | - | - | - |"
         lines.append(f"| {r['model']} | {r['preset']} | {r['added']:,} | {r['added_pct']:.2f}% | {split} | "
-                     f"{r['unwrapped_gflops']:.2f} -> {r['wrapped_gflops']:.2f} ({r['flop_ratio']:.3f}) | "
-                     f"{r['unwrapped_ms']:.0f} | {r['wrapped_ms']:.0f} | {r['ratio']:.3f} | "
-                     f"({r['ratio_min']:.3f}; {r['ratio_paired']:.3f}) |")
+                     f"{r['unwrapped_gflops']:.2f} -> {r['wrapped_gflops']:.2f} ({r['flop_ratio']:.3f}) | " + timed)
     return "\n".join(lines)
 
 
@@ -159,7 +175,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         goal = GOALS["latency"].get(r["model"])
-        if goal is not None:
+        if goal is not None and r["ratio"] is not None:
             out.append(f"- {r['model']} {r['preset']}: latency ratio {r['ratio']:.3f} "
                        f"(goal <= {goal}: {'met' if r['ratio'] <= goal else 'NOT met'})")
         if r["preset"] == "lean":
@@ -171,12 +187,14 @@ def goal_lines(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"], help="open_clip model names")
+    p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16", "ViT-B-16-SigLIP"],
+                   help="open_clip model names")
     p.add_argument("--presets", nargs="+", default=list(e2_adapter.PRESETS), choices=list(e2_adapter.PRESETS))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    p.add_argument("--no-timing", action="store_true", help="count parameters and FLOPs only")
     p.add_argument("--json", default=None, help="also write the rows and the machine to this file")
     p.add_argument("--render", default=None, metavar="JSON", help="print the table of a saved --json run, measure nothing")
     args = p.parse_args(argv)
@@ -193,7 +211,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    rows = run(args.models, args.presets, args.batch, args.repeats, args.device, log=log)
+    rows = run(args.models, args.presets, args.batch, args.repeats, args.device, log=log,
+               timing=not args.no_timing)
     report(rows, info, args)
     if args.json:
         with open(args.json, "w") as f:

@@ -100,11 +100,15 @@ class RegionHeads(nn.Module):
         is [W, D] as in CLIP's ``visual.proj``), so region embeddings start in the joint space."""
         with torch.no_grad():
             for e in self.entities:
-                if norm is not None and getattr(norm, "weight", None) is not None:
+                if norm is not None and getattr(norm, "weight", None) is not None and \
+                        norm.weight.shape == self.norms[e].weight.shape:  # an attention pool's norm may be wider
                     self.norms[e].weight.copy_(norm.weight)
                     self.norms[e].bias.copy_(norm.bias)
-                if proj_weight is not None:
+                if proj_weight is not None and proj_weight.t().shape == self.projs[e].weight.shape:
                     self.projs[e].weight.copy_(proj_weight.t())
+                elif self.projs[e].in_features == self.projs[e].out_features:
+                    # no projection (SigLIP: the pooled vector is the embedding): start as the identity
+                    self.projs[e].weight.copy_(torch.eye(self.projs[e].in_features))
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """tokens [B, S, W] entity-major -> {entity: [B, D]}."""

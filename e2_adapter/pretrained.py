@@ -63,7 +63,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, source: d
                          "e2_adapter.zoo.create_clip (or from_pretrained), or pass source=dict(family=..., "
                          "model=..., pretrained=..., image_size=..., tokenizer=...)")
     plain = _merged(model)
-    family = get_backend(plain).family
+    backend = get_backend(plain)
+    family = backend.zoo_family or backend.family
     if family != source["family"]:
         raise ValueError(f"the model is a {family} CLIP but its source says {source['family']!r}")
     directory = Path(directory)

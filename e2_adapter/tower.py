@@ -1,9 +1,13 @@
 """The E2 forward of a vision tower, through a backend (so it knows no CLIP family).
 
-    embed -> [CLS, selection tokens, patches] -> pre-norm
+    embed -> [prefix, selection tokens, patches] -> pre-norm
     -> blocks up to each fusion point -> fusion (tokens pick and fuse one patch each)
-    -> after the last fusion the patches are dropped -> remaining blocks on [CLS, tokens]
-    -> global = project(final_norm(CLS)); regions = heads(tokens)
+    -> after the last fusion the patches are dropped -> remaining blocks on [prefix, tokens]
+    -> global = project(pool([prefix, patches])); regions = heads(tokens)
+
+The prefix is the class token for CLIP towers (``pool`` is then the final norm of it), nothing for a
+tower without one (SigLIP), class + register tokens for some timm towers. A tower that pools over its
+patches (average, an attention probe) keeps them to the end: only the gated layout applies (wrap checks).
 """
 from __future__ import annotations
 
@@ -23,17 +27,19 @@ class E2Output:
     image: torch.Tensor | None          # [B, D] global embedding (what encode_image returns); None if not projected
     regions: dict[str, torch.Tensor]    # entity -> [B, D]
     selections: torch.Tensor            # [B, F, S] patch index chosen by each token in each fusion block
-    pooled: torch.Tensor                # [B, W] normalised CLS before the projection
+    pooled: torch.Tensor                # [B, W] the tower's pooled vector (normalised CLS) before the projection
     tokens: torch.Tensor                # [B, L, W] tokens after the last block
 
 
-def gated_mask(num_tokens: int, length: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive mask for the gated preset: CLS and patches may not attend to the selection tokens
-    (positions 1..S), so their stream is exactly the original CLIP's; the tokens see everything."""
+def gated_mask(num_tokens: int, length: int, dtype: torch.dtype, device, prefix: int = 1) -> torch.Tensor:
+    """Additive mask for the gated preset: the prefix (CLS) and the patches may not attend to the
+    selection tokens (positions prefix..prefix+S-1), so their stream is exactly the original model's;
+    the tokens see everything."""
     mask = torch.zeros(length, length, dtype=dtype, device=device)
+    selection = slice(prefix, prefix + num_tokens)
     blocked = torch.ones(length, dtype=torch.bool, device=device)
-    blocked[1:1 + num_tokens] = False
-    mask[blocked.nonzero(), 1:1 + num_tokens] = torch.finfo(dtype).min
+    blocked[selection] = False
+    mask[blocked.nonzero(), selection] = torch.finfo(dtype).min
     return mask
 
 
@@ -42,31 +48,34 @@ def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor,
     x = backend.embed(images, **embed_kwargs)
     batch = x.shape[0]
     num_tokens = adapter.tokens.shape[0]
+    p = backend.num_prefix_tokens
     tokens = adapter.tokens.to(x.dtype).expand(batch, -1, -1)
-    x = backend.pre_norm(torch.cat([x[:, :1], tokens, x[:, 1:]], dim=1))
+    x = backend.pre_norm(torch.cat([x[:, :p], tokens, x[:, p:]], dim=1))
 
     gated = adapter.gate is not None
     drop_patches = adapter.config.drop_patches  # never with gated (E2Config): CLS keeps seeing the patches
-    mask = gated_mask(num_tokens, x.shape[1], x.dtype, x.device) if gated else None
+    mask = gated_mask(num_tokens, x.shape[1], x.dtype, x.device, prefix=p) if gated else None
 
     selections, start = [], 0
     last = len(adapter.fusion_after) - 1
     for i, (end, fusion) in enumerate(zip(adapter.fusion_after, adapter.fusions)):
         x = backend.run_blocks(x, start, end, mask)
-        cls, tokens, patches = x[:, :1], x[:, 1:1 + num_tokens], x[:, 1 + num_tokens:]
+        prefix, tokens, patches = x[:, :p], x[:, p:p + num_tokens], x[:, p + num_tokens:]
         tokens, chosen = fusion(tokens, patches, adapter.tau)
         selections.append(chosen)
         if i == last and drop_patches:
-            x = torch.cat([cls, tokens], dim=1)
+            x = torch.cat([prefix, tokens], dim=1)
         else:
-            x = torch.cat([cls, tokens, patches], dim=1)
+            x = torch.cat([prefix, tokens, patches], dim=1)
         start = end
     x = backend.run_blocks(x, start, backend.num_blocks, mask)
 
-    cls, tokens = x[:, 0], x[:, 1:1 + num_tokens]
-    if gated:  # zero at step 0: the tokens reach the global embedding only as the gate opens
-        cls = cls + adapter.gate.to(cls.dtype) * tokens.mean(1)
-    pooled = backend.final_norm(cls)
+    tokens = x[:, p:p + num_tokens]
+    rest = torch.cat([x[:, :p], x[:, p + num_tokens:]], dim=1)  # what the original tower would pool
+    if gated:  # zero at step 0: the tokens reach the global embedding only as the gate opens; added to
+        # every token the pool reads (the class token alone for CLIP, the patches for a pooling tower)
+        rest = rest + adapter.gate.to(rest.dtype) * tokens.mean(1, keepdim=True)
+    pooled = backend.pool(rest)
     selections = torch.stack(selections, dim=1) if selections else \
         torch.empty(batch, 0, num_tokens, dtype=torch.long, device=x.device)
     return E2Output(image=backend.project(pooled) if project else None, regions=adapter.heads(tokens),

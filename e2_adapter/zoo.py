@@ -16,7 +16,9 @@ from torch import nn
 from .backends import BACKENDS, VisionBackend, unwrap_peft
 from .backends.base import CLIP_VOCAB_SIZE, bpe_tokenizer, clip_transform  # noqa: F401  (re-exported)
 
-FAMILIES = tuple(BACKENDS)  # the registry is the list: a new backend is a new --family choice
+# The registry is the list: a new backend is a new --family choice, unless another family's loader builds
+# its models (open_clip builds timm towers, transformers' classes build SigLIP).
+FAMILIES = tuple(name for name, b in BACKENDS.items() if b.zoo_family in (None, name))
 DEFAULT_FAMILY = "open_clip"
 
 # Small ViT CLIPs for CPU work. Depth 6 keeps E2's layout meaningful (fusion after blocks 4 and 5).

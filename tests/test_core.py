@@ -145,11 +145,12 @@ def test_unsupported_towers_are_refused_with_reason():
                             text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
     with pytest.raises(e2_adapter.UnsupportedModelError, match="ResNet"):
         e2_adapter.wrap(resnet)
-    attn_pool = open_clip.CLIP(embed_dim=32, vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8,
-                                                             image_size=32, attentional_pool=True),
+    # attention-pooled towers are supported now (tests/test_siglip.py); CoCa's token output is not
+    coca_like = open_clip.CLIP(embed_dim=32, vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=8,
+                                                             image_size=32, attentional_pool=True, output_tokens=True),
                                text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
-    with pytest.raises(e2_adapter.UnsupportedModelError, match="attention"):
-        e2_adapter.wrap(attn_pool)
+    with pytest.raises(e2_adapter.UnsupportedModelError, match="output_tokens"):
+        e2_adapter.wrap(coca_like)
 
 
 def test_fusion_positions_follow_depth():

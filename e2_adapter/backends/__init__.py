@@ -5,10 +5,14 @@ from torch import nn
 
 from .base import UnsupportedModelError, VisionBackend, describe
 from .hf_clip import HFClipBackend
+from .hf_siglip import HFSiglipBackend
 from .open_clip import OpenClipBackend
+from .open_clip_timm import OpenClipTimmBackend
 from .openai_clip import OpenAIClipBackend
 
-BACKENDS: dict[str, type[VisionBackend]] = {b.family: b for b in (OpenClipBackend, OpenAIClipBackend, HFClipBackend)}
+# Asked in this order: the narrower claims (a timm tower, a Siglip class) before their library's CLIP.
+BACKENDS: dict[str, type[VisionBackend]] = {b.family: b for b in (
+    OpenClipTimmBackend, OpenClipBackend, OpenAIClipBackend, HFSiglipBackend, HFClipBackend)}
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

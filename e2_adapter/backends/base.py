@@ -58,6 +58,11 @@ class VisionBackend(ABC):
     # peft ``target_modules`` when a run asks for LoRA without naming targets: the MLP linears of
     # every transformer block (both towers), the choice that keeps attention, and so E2's q.k, as is.
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    # The e2_adapter.zoo family that creates this backend's models (save_pretrained records it); most
+    # backends are their own, the timm-tower and SigLIP backends belong to open_clip and hf.
+    zoo_family: ClassVar[str | None] = None
+    # transformers backends: the model classes the zoo rebuilds from a saved config, with their config class
+    rebuilds: ClassVar[dict[str, str]] = {}
     # Whether the tower's own forward returns the projected embedding (open_clip, OpenAI) or the
     # normalised CLS that the model projects outside the tower (HF): a tower-rooted backend can only
     # project in the first case.
@@ -106,7 +111,26 @@ class VisionBackend(ABC):
 
     @abstractmethod
     def embed(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Images -> [B, 1+N, W] tokens, CLS first, positions added, before the pre-norm."""
+        """Images -> [B, P+N, W] tokens: the ``num_prefix_tokens`` P (CLS, registers) first, then the
+        N patches, positions added, before the pre-norm."""
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in ``embed``'s output: 1 (the class token) for CLIP towers, 0 for a
+        tower without one (SigLIP), 1 + registers for some timm towers. E2's tokens go right after them."""
+        return 1
+
+    @property
+    def pools_patches(self) -> bool:
+        """True when the global embedding is pooled over the patch tokens (average, attention probe)
+        rather than read off the class token: then E2 can never drop the patches."""
+        return False
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens after the last block with E2's removed ([B, P+N, W], or [B, P, W] once the
+        patches were dropped) -> the tower's pooled vector, what ``project`` takes. The default: the
+        final norm of the class token."""
+        return self.final_norm(x[:, 0])
 
     @abstractmethod
     def pre_norm(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -129,7 +153,8 @@ class VisionBackend(ABC):
 
     @abstractmethod
     def class_token(self) -> torch.Tensor:
-        """The class embedding plus its positional embedding, [W]: the start for selection tokens."""
+        """The class embedding plus its positional embedding, [W]: the start for selection tokens
+        (``token_init="cls"``); a tower without a class token raises UnsupportedModelError."""
 
     @abstractmethod
     def tower_output(self, out: Any, **kwargs) -> Any:
@@ -145,6 +170,17 @@ class VisionBackend(ABC):
     @property
     def logit_scale(self) -> nn.Parameter | None:
         return getattr(self.model, "logit_scale", None)
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """SigLIP's learned bias of the pairwise sigmoid logits (None for CLIP)."""
+        return getattr(self.model, "logit_bias", None)
+
+    @property
+    def loss_family(self) -> str:
+        """The contrastive loss the model was pre-trained with, which E2's losses follow: "sigmoid"
+        (SigLIP's pairwise loss; the model has a logit bias) or "softmax" (CLIP's InfoNCE)."""
+        return "sigmoid" if self.logit_bias is not None else "softmax"
 
     @abstractmethod
     def compute_weight(self) -> torch.Tensor:

@@ -10,8 +10,6 @@ import torch
 from .base import (CLIP_VOCAB_SIZE, Loaded, UnsupportedModelError, VisionBackend, bpe_tokenizer, clip_transform,
                    describe, trim_after_end)
 
-# The classes build_architecture rebuilds, with their config class.
-_CLASSES = {"CLIPModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPVisionConfig"}
 
 
 @lru_cache(maxsize=None)
@@ -25,6 +23,7 @@ class HFClipBackend(VisionBackend):
     family = "hf"
     tower_projects = False  # vision_model returns pooler_output; the model applies visual_projection
     lora_targets = ("fc1", "fc2")  # each CLIPEncoderLayer's mlp
+    rebuilds = {"CLIPModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPVisionConfig"}
 
     @classmethod
     def claims(cls, model) -> bool:
@@ -166,8 +165,12 @@ class HFClipBackend(VisionBackend):
     @classmethod
     def build_architecture(cls, name, image_size, arch, tiny=None):
         import transformers
+        from . import BACKENDS
+        # Every backend the hf family builds (CLIP here, SigLIP in hf_siglip) names the classes it rebuilds.
+        classes = {name: config for b in BACKENDS.values() if (b.zoo_family or b.family) == cls.family
+                   for name, config in b.rebuilds.items()}
         class_name = arch.get("class", "CLIPModel")
-        if class_name not in _CLASSES:
-            raise ValueError(f"saved hf class {class_name!r} is not a CLIP class e2-adapter rebuilds")
-        config = getattr(transformers, _CLASSES[class_name]).from_dict(arch["config"])
+        if class_name not in classes:
+            raise ValueError(f"saved hf class {class_name!r} is not one e2-adapter rebuilds ({sorted(classes)})")
+        config = getattr(transformers, classes[class_name]).from_dict(arch["config"])
         return getattr(transformers, class_name)(config), clip_transform(image_size)

@@ -15,27 +15,38 @@ class OpenClipBackend(ConvViTBackend):
 
     @classmethod
     def claims(cls, model) -> bool:
-        return type(model).__module__.startswith("open_clip") and hasattr(model, "visual")
+        from open_clip.timm_model import TimmModel
+        return (type(model).__module__.startswith("open_clip") and hasattr(model, "visual")
+                and not isinstance(model.visual, TimmModel))  # timm towers: open_clip_timm.py
 
     def check(self) -> None:
         from open_clip.transformer import VisionTransformer
         tower = self.tower
         name = describe(self.model)
         if not isinstance(tower, VisionTransformer):
+            kind = "ResNet (ModifiedResNet)" if type(tower).__name__ == "ModifiedResNet" else type(tower).__name__
             raise UnsupportedModelError(
-                f"{name} has a {type(tower).__name__} image tower; E2 needs a ViT (VisionTransformer) tower "
-                "with a class token. ResNet and timm towers are not supported.")
-        if getattr(tower, "attn_pool", None) is not None:
+                f"{name} has a {kind} image tower; E2 needs a ViT image tower (its selection tokens are "
+                "tokens among the patch tokens, which a convolutional tower does not have).")
+        if getattr(tower, "attn_pool", None) is None and getattr(tower, "pool_type", "tok") == "none":
             raise UnsupportedModelError(
-                f"{name} pools its image tokens with attention (CoCa / SigLIP 'map' style); E2's global "
-                "embedding is the class token, which such a model does not use.")
-        if getattr(tower, "pool_type", "tok") != "tok":
-            raise UnsupportedModelError(
-                f"{name} pools with pool_type={tower.pool_type!r}; E2 needs class-token pooling ('tok').")
+                f"{name} has pool_type='none': its tower returns every token, not a pooled embedding, so there "
+                "is no global embedding for E2 to keep.")
         if getattr(tower, "output_tokens", False):
             raise UnsupportedModelError(
-                f"{name} has output_tokens=True; E2 drops patch tokens in its last block, so it cannot return "
-                "them. Set model.visual.output_tokens = False before wrapping.")
+                f"{name} has output_tokens=True (CoCa's captioning decoder reads the tower's tokens); E2's "
+                "tower returns the global embedding only. Set model.visual.output_tokens = False before "
+                "wrapping if only the contrastive embedding is used.")
+
+    @property
+    def pools_patches(self) -> bool:
+        # an attention pooler (CoCa style, its parallel/cascade variants) or pool_type avg / none
+        return getattr(self.tower, "attn_pool", None) is not None or getattr(self.tower, "pool_type", "tok") != "tok"
+
+    def pool(self, x):
+        if not self.pools_patches:
+            return super().pool(x)
+        return self.tower._pool(x)[0]  # open_clip's own pooling (attention pool, avg, final_ln_after_pool)
 
     # --- building and loading ----------------------------------------------------------------------
     @classmethod

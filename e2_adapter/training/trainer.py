@@ -29,7 +29,7 @@ from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
 from ..evaluation.embed import evaluate
 from ..evaluation.report import save_json
-from ..losses import clip_loss, clip_loss_share, e2_loss, e2_loss_share
+from ..losses import e2_loss, e2_loss_share, pair_loss, pair_loss_share
 from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, remove_stale_temporaries, rng_state,
                          set_rng_state)
 from .distributed import gather_rows, mean_over_ranks, plan_tag_texts, rank_and_world, row_counts
@@ -160,12 +160,15 @@ class ContrastiveObjective(nn.Module):
         with torch.no_grad() if text_frozen else nullcontext():
             text = backend.encode_text(self.tokenizer(texts).to(device))
         scale = backend.logit_scale
+        # the model's own loss family: SigLIP's pairwise sigmoid (with its logit bias) or CLIP's InfoNCE
+        family = {"loss": backend.loss_family, "logit_bias": backend.logit_bias}
         if self.cfg.method == "clip-ft":
             image = backend.encode_image(images)
             if world == 1:
-                return {"loss": clip_loss(image, text, scale)}
+                return {"loss": pair_loss(image, text, scale, **family)}
             counts, rows = self.my_rows(image, rank)
-            return {"loss": world * clip_loss_share(gather_rows(image, counts), gather_rows(text, counts), rows, scale)}
+            return {"loss": world * pair_loss_share(gather_rows(image, counts), gather_rows(text, counts), rows,
+                                                    scale, **family)}
         if self.cfg.method == "e2":
             out = encode_image_regions(self.model, images)
             image, regions = out.image, out.regions
@@ -178,13 +181,13 @@ class ContrastiveObjective(nn.Module):
         tag_text = plan.assemble(gather_rows(mine, plan.counts))
         weights = (self.cfg.global_weight, self.cfg.region_weight)
         if world == 1:
-            return e2_loss(image, text, regions, plan.ids, tag_text, scale, *weights)
+            return e2_loss(image, text, regions, plan.ids, tag_text, scale, *weights, **family)
         counts, rows = self.my_rows(image, rank)
         gathered: dict[int, torch.Tensor] = {}  # clip-ft-tags uses one tensor for every entity: gather it once
         def everyone(x):
             return gathered.setdefault(id(x), gather_rows(x, counts))
         parts = e2_loss_share(everyone(image), everyone(text), {e: everyone(r) for e, r in regions.items()},
-                              plan.ids, tag_text, rows, scale, *weights)
+                              plan.ids, tag_text, rows, scale, *weights, **family)
         return {k: world * v for k, v in parts.items()}
 
     @staticmethod
