@@ -258,13 +258,14 @@ def test_sigmoid_shares_sum_to_the_one_process_loss():
 
 @pytest.mark.parametrize("name", ["open_clip_siglip", "hf_siglip"])
 def test_trainer_objective_uses_the_sigmoid_loss_for_siglip(name, images):
+    from e2_adapter.config import E2Config
     from e2_adapter.losses import e2_loss
     from e2_adapter.training.config import TrainConfig
     from e2_adapter.training.trainer import ContrastiveObjective
     from e2_adapter.zoo import bpe_tokenizer
     model = e2_adapter.wrap(build(name), entities=("brand",)).eval()  # eval: argmax selection, comparable
     tokenizer = bpe_tokenizer(16)
-    objective = ContrastiveObjective(model, TrainConfig(entities=("brand",)), tokenizer)
+    objective = ContrastiveObjective(model, TrainConfig(adapter=E2Config(entities=("brand",))), tokenizer)
     texts, tags = ["a red coat", "a blue bag", "a red coat"], {"brand": ["Ostra", "Vetrano", "Ostra"]}
     with torch.no_grad():
         parts = objective(images, texts, tags, text_frozen=True)
