@@ -17,7 +17,31 @@ def _takes_causal_mask(layer_type: type) -> bool:
     return "causal_attention_mask" in inspect.signature(layer_type.forward).parameters
 
 
-class HFClipBackend(VisionBackend):
+class HFEncoderSteps:
+    """The tower steps transformers' CLIP and SigLIP vision models share (``embeddings``,
+    ``encoder.layers``, ``post_layernorm``); their backends differ in pre-norm, pooling and projection."""
+
+    def compute_weight(self):
+        return self.tower.embeddings.patch_embedding.weight
+
+    def embed(self, images, interpolate_pos_encoding: bool = False, **kwargs):
+        dtype = self.compute_weight().dtype
+        return self.tower.embeddings(images.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
+
+    def run_blocks(self, x, start, end, attn_mask):
+        mask = attn_mask[None, None] if attn_mask is not None else None  # HF wants [B, heads, L, L]
+        for layer in list(self.tower.encoder.layers)[start:end]:
+            # transformers 4.x layers also take a causal mask and return a tuple
+            out = layer(x, mask, None) if _takes_causal_mask(type(layer)) else layer(x, mask)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    @property
+    def final_norm(self):
+        return self.tower.post_layernorm
+
+
+class HFClipBackend(HFEncoderSteps, VisionBackend):
     """transformers CLIPModel / CLIPVisionModelWithProjection."""
 
     family = "hf"
@@ -59,27 +83,8 @@ class HFClipBackend(VisionBackend):
     def embed_dim(self):
         return self.model.visual_projection.out_features
 
-    def compute_weight(self):
-        return self.tower.embeddings.patch_embedding.weight
-
-    def embed(self, images, interpolate_pos_encoding: bool = False, **kwargs):
-        dtype = self.compute_weight().dtype
-        return self.tower.embeddings(images.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
-
     def pre_norm(self, x):
         return self.tower.pre_layrnorm(x)
-
-    def run_blocks(self, x, start, end, attn_mask):
-        mask = attn_mask[None, None] if attn_mask is not None else None  # HF wants [B, heads, L, L]
-        for layer in list(self.tower.encoder.layers)[start:end]:
-            # transformers 4.x layers also take a causal mask and return a tuple
-            out = layer(x, mask, None) if _takes_causal_mask(type(layer)) else layer(x, mask)
-            x = out[0] if isinstance(out, tuple) else out
-        return x
-
-    @property
-    def final_norm(self):
-        return self.tower.post_layernorm
 
     def projection_weight(self):
         return self.model.visual_projection.weight.t()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from .base import UnsupportedModelError, VisionBackend, describe
-from .hf_clip import _takes_causal_mask
+from .hf_clip import HFEncoderSteps
 
 
-class HFSiglipBackend(VisionBackend):
+class HFSiglipBackend(HFEncoderSteps, VisionBackend):
     """transformers SiglipModel / SiglipVisionModel (attention-pooled, no class token; sigmoid loss)."""
 
     family = "hf_siglip"
@@ -67,26 +67,8 @@ class HFSiglipBackend(VisionBackend):
     def pools_patches(self):
         return True
 
-    def compute_weight(self):
-        return self.tower.embeddings.patch_embedding.weight
-
-    def embed(self, images, interpolate_pos_encoding: bool = False, **kwargs):
-        dtype = self.compute_weight().dtype
-        return self.tower.embeddings(images.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
-
     def pre_norm(self, x):
         return x  # SigLIP has no pre-norm
-
-    def run_blocks(self, x, start, end, attn_mask):
-        mask = attn_mask[None, None] if attn_mask is not None else None  # HF wants [B, heads, L, L]
-        for layer in list(self.tower.encoder.layers)[start:end]:
-            out = layer(x, mask, None) if _takes_causal_mask(type(layer)) else layer(x, mask)
-            x = out[0] if isinstance(out, tuple) else out
-        return x
-
-    @property
-    def final_norm(self):
-        return self.tower.post_layernorm
 
     def pool(self, x):
         return self.tower.head(self.tower.post_layernorm(x))  # the attention-pooling probe over the patches
