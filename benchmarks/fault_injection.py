@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def main(argv=None) -> None:
     # The reference runs on every invocation: its duration, under this moment's load, is the window
     # the kill times are drawn from (a stale, longer one would let most runs finish before the kill).
     reference = out / "reference"
-    process = subprocess.Popen(train_command(data, reference, "--overwrite"), env=environment(),
+    shutil.rmtree(reference, ignore_errors=True)  # its old train_config.json would start the clock early
+    process = subprocess.Popen(train_command(data, reference), env=environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_training(reference, process)
     started = time.monotonic()
