@@ -73,19 +73,22 @@ def run_trial(data: Path, out: Path, kills: int, train_seconds: float, rng: rand
         extra = [] if resume is None else [resume]
         process = subprocess.Popen(train_command(data, out, *extra), env=environment(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        last = attempt == kills
+        last, delay = attempt == kills, None
         if not last and wait_for_training(out, process):
-            time.sleep(rng.uniform(0, train_seconds))
+            delay = rng.uniform(0, train_seconds)
+            time.sleep(delay)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
         _, err = process.communicate()
         if process.returncode == -signal.SIGKILL:
-            events.append(where_it_died(out))
+            events.append(f"killed {delay:.1f} s into training: {where_it_died(out)}")
             resume = "--resume" if (out / "checkpoint_last.pt").is_file() else "--overwrite"
             continue
         if process.returncode != 0:
             return {"events": events, "error": err.strip().splitlines()[-1:]}
-        break  # finished before the kill landed: nothing more to resume
+        if delay is not None:
+            events.append(f"finished before the kill drawn at {delay:.1f} s")
+        break  # nothing more to resume
     return {"events": events}
 
 
@@ -127,10 +130,10 @@ def main(argv=None) -> None:
         results.append({"trial": trial, **result})
         print(json.dumps(results[-1]), flush=True)
 
-    kills = sum(len(r["events"]) for r in results)
+    kills = sum(e.startswith("killed") for r in results for e in r["events"])
     torn = sum("cut short" in e for r in results for e in r["events"])
     identical = sum(bool(r.get("identical")) for r in results)
-    summary = {"trials": len(results), "trials_killed": sum(bool(r["events"]) for r in results), "kills": kills,
+    summary = {"trials": len(results), "trials_killed": sum(any(e.startswith("killed") for e in r["events"]) for r in results), "kills": kills,
                "kills_during_a_write": torn, "identical_to_uninterrupted": identical,
                "reference_train_seconds": round(train_seconds, 2)}
     print(json.dumps(summary))
