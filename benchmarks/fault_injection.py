@@ -44,10 +44,12 @@ def environment() -> dict[str, str]:
 
 
 def wait_for_training(out: Path, process: subprocess.Popen, timeout: float = 300) -> bool:
-    """Block until the run has written its config (training starts right after) or the process ends."""
-    deadline = time.monotonic() + timeout
+    """Block until this process has written the run's config (training starts right after) or it ends.
+    A resumed run's folder already holds the config of the killed attempt: only a newer one counts."""
+    started, deadline = time.time(), time.monotonic() + timeout
+    config = out / "train_config.json"
     while time.monotonic() < deadline and process.poll() is None:
-        if (out / "train_config.json").is_file():
+        if config.is_file() and config.stat().st_mtime >= started - 0.01:
             return True
         time.sleep(0.02)
     return process.poll() is None
