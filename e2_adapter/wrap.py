@@ -70,7 +70,9 @@ def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, pre
     """Patch ``model``'s vision tower with E2's selection tokens and fusion blocks, in place.
 
     ``wrap(model)``, ``wrap(model, entities=("brand",))``, ``wrap(model, preset="lean")`` or
-    ``wrap(model, config=E2Config(...))``. Returns the same model object.
+    ``wrap(model, config=E2Config(...))``. Returns the same model object. A model built on the
+    ``meta`` device is wrapped there (E2's parameters on ``meta`` too, nothing copied): load the
+    weights afterwards with ``load_state_dict(state, assign=True)``, E2's included.
     """
     if is_wrapped(model):
         raise ValueError(f"{type(model).__name__} is already wrapped with E2; call e2_adapter.unwrap(model) "
@@ -92,9 +94,10 @@ def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, pre
     config = config.with_model_info(family=backend.family, width=backend.width, embed_dim=backend.embed_dim,
                                     num_blocks=backend.num_blocks)
     adapter = E2Adapter(config, backend.width, backend.embed_dim, backend.num_blocks)
-    if config.token_init == "cls":
-        adapter.init_tokens_from(backend.class_token().detach().float())
-    adapter.heads.init_from(backend.final_norm, _detached(backend.projection_weight()))
+    if backend.parameter_device().type != "meta":  # a meta model has no weights to start from yet
+        if config.token_init == "cls":
+            adapter.init_tokens_from(backend.class_token().detach().float())
+        adapter.heads.init_from(backend.final_norm, _detached(backend.projection_weight()))
     adapter.to(device=backend.parameter_device(), dtype=backend.parameter_dtype())
     adapter.train(backend.tower.training)
 

@@ -327,3 +327,19 @@ def test_presets_fill_the_layout_and_contradictions_are_errors():
     assert E2Config.from_dict(old).drop_patches is False
     assert E2Config.from_dict({**E2Config.from_preset("lean").to_dict(), "preset": "gated", "gated": False,
                                "version": 1}).preset == "lean"
+
+
+def test_meta_model_wraps_on_meta_and_takes_real_weights_by_assign(family, images):
+    # big-model loading: build and wrap without memory, then assign the trained weights, E2's included
+    trained = e2_adapter.wrap(make_tiny(family), preset="faithful")
+    from e2_adapter.zoo import create_clip
+    empty = e2_adapter.wrap(create_clip(family, "tiny", seed=1, device="meta").model.eval(), preset="faithful")
+    adapter = e2_adapter.get_adapter(empty)
+    assert all(p.device.type == "meta" for p in adapter.parameters())
+    empty.load_state_dict(trained.state_dict(), assign=True)
+    for name, buffer in trained.named_buffers():  # not in a state dict (HF's position_ids): its loader rebuilds them
+        if empty.get_buffer(name).device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            empty.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
+    backend = e2_adapter.get_backend
+    assert torch.equal(backend(empty).encode_image(images), backend(trained).encode_image(images))

@@ -30,6 +30,9 @@ MODELS = {
                                                              proj="trunk", sigmoid=False), "open_clip_timm", True),
     "timm_avg_no_class_token": (lambda: open_clip_timm.tiny_model(pool="avg", class_token=False, sigmoid=False),
                                 "open_clip_timm", True),
+    # ViTamin's layout: a convolutional stem in timm's HybridEmbed (no patch projection), average pooling
+    "timm_hybrid_stem": (lambda: open_clip_timm.tiny_model(pool="avg", hybrid_stem=True, proj="linear",
+                                                           sigmoid=False), "open_clip_timm", True),
     # CoCa's attention pool (coca_ViT-B-32's tower with output_tokens off); open_clip's WIP "parallel" /
     # "cascade" pools are in no model config and return [B, 1, D], so they are not tested here
     "open_clip_attn_pool": (lambda: _open_clip_vit(attentional_pool=True, attn_pooler_queries=4,

@@ -86,7 +86,10 @@ class OpenClipTimmBackend(VisionBackend):
         return self.trunk.attn_pool is not None or self.trunk.global_pool != "token"
 
     def compute_weight(self):
-        return self.trunk.patch_embed.proj.weight
+        # the patch projection, or the first weight of a hybrid stem (ViTamin: conv stages, proj Identity)
+        embed = self.trunk.patch_embed
+        weight = getattr(getattr(embed, "proj", None), "weight", None)
+        return weight if weight is not None else next(embed.parameters())
 
     def embed(self, images, **kwargs):
         t = self.trunk
@@ -148,11 +151,13 @@ class OpenClipTimmBackend(VisionBackend):
 
 def tiny_model(pool: str = "map", class_token: bool = False, no_embed_class: bool = True, reg_tokens: int = 0,
                proj: str = "none", embed_dim: int = 64, width: int = 64, depth: int = 2, image_size: int = 32,
-               patch_size: int = 8, sigmoid: bool = True, context_length: int = 16, seed: int | None = 0):
+               patch_size: int = 8, sigmoid: bool = True, context_length: int = 16, seed: int | None = 0,
+               hybrid_stem: bool = False):
     """A random open_clip ``CustomTextCLIP`` with a ``TimmModel`` tower shaped like ViT-B-16-SigLIP's
     (timm's ``vit_base_patch16_siglip_224`` entry point at a small width; defaults: no class token,
     positions on the patches only, a MAP head, no projection, a logit bias) or, with the arguments,
-    another timm ViT layout. For tests: nothing is downloaded."""
+    another timm ViT layout. ``hybrid_stem``: ViTamin's patch embedding, convolutions feeding timm's
+    ``HybridEmbed`` with no projection of its own. For tests: nothing is downloaded."""
     import timm
     from open_clip.model import CustomTextCLIP
     from open_clip.timm_model import TimmModel
@@ -173,6 +178,11 @@ def tiny_model(pool: str = "map", class_token: bool = False, no_embed_class: boo
         "vit_base_patch16_siglip_224", pretrained=False, img_size=image_size, patch_size=patch_size,
         embed_dim=width, depth=depth, num_heads=2, class_token=class_token, no_embed_class=no_embed_class,
         reg_tokens=reg_tokens, global_pool=pool, num_classes=0 if proj in ("none", "linear") else embed_dim)
+    if hybrid_stem:
+        from timm.layers.hybrid_embed import HybridEmbed
+        stem = nn.Sequential(nn.Conv2d(3, width // 2, 3, stride=2, padding=1), nn.GELU(),
+                             nn.Conv2d(width // 2, width, 3, stride=patch_size // 2, padding=1))
+        tower.trunk.patch_embed = HybridEmbed(stem, img_size=image_size, embed_dim=width, proj=False)
     head = nn.Sequential()
     if proj == "linear":
         head.add_module("proj", nn.Linear(width, embed_dim, bias=False))
