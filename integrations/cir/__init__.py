@@ -12,8 +12,8 @@ layout from FashionSynth / FashionGen, one category per edited attribute.
 from .cirevl import CaptionStore, CIReVL, ImageFeatures, encode_texts, evaluate_cirevl, load_captions, model_fingerprint
 from .fashioniq import (CATEGORIES, FashionIQ, Triplet, average_report, evaluate, join_captions, markdown_table,
                         ranked_names_recall, recall_at_k, target_ranks)
-from .pic2word import (MapperConfig, Pic2Word, PseudoWordMapper, embed_catalogue, embed_folder, evaluate_pic2word,
-                       pic2word_loss, train_mapper)
+from .pic2word import (PROMPT_STYLES, MapperConfig, Pic2Word, PseudoWordMapper, embed_catalogue, embed_folder,
+                       evaluate_pic2word, pic2word_loss, query_modification, train_mapper)
 from .rewriter import ATTRIBUTES, Edit, LLMRewriter, RuleRewriter, as_rewriter
 from .synthetic import build_synthetic_cir, find_pairs, load_edits, read_products, rewriter_for
 from .text_injection import (PLACEHOLDER, encode_text, encode_text_with_pseudo_tokens, injected,
@@ -23,7 +23,7 @@ __all__ = [
     "CIReVL", "CaptionStore", "ImageFeatures", "encode_texts", "evaluate_cirevl", "load_captions", "model_fingerprint",
     "FashionIQ", "Triplet", "CATEGORIES", "evaluate", "join_captions", "target_ranks", "recall_at_k",
     "ranked_names_recall", "average_report", "markdown_table",
-    "MapperConfig", "PseudoWordMapper", "train_mapper", "pic2word_loss", "Pic2Word", "evaluate_pic2word",
+    "MapperConfig", "PROMPT_STYLES", "query_modification", "PseudoWordMapper", "train_mapper", "pic2word_loss", "Pic2Word", "evaluate_pic2word",
     "embed_catalogue", "embed_folder",
     "RuleRewriter", "LLMRewriter", "Edit", "ATTRIBUTES", "as_rewriter",
     "build_synthetic_cir", "read_products", "find_pairs", "load_edits", "rewriter_for",

@@ -74,8 +74,8 @@ def cmd_train(args) -> Path:
     from .text_injection import token_width
     bundle = load_encoder(args)
     embeddings = _training_embeddings(args, bundle)
-    config = MapperConfig(input_dim=embeddings.shape[1], output_dim=token_width(bundle.model),
-                          hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, dropout=args.dropout)
+    config = MapperConfig.for_style(args.prompts, input_dim=embeddings.shape[1], output_dim=token_width(bundle.model),
+                                    hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, dropout=args.dropout)
     every = max(1, args.steps // 10)
     mapper, losses = train_mapper(
         bundle.model, bundle.tokenizer, embeddings, config, steps=args.steps, batch_size=args.batch_size,
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-dim", type=int, default=2048)
     p.add_argument("--hidden-layers", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--prompts", default="pic2word", choices=("pic2word", "searle"),
+                   help="prompts the mapper trains and queries with: Pic2Word's ('a photo of *', query "
+                        "'a photo of * , {c2} and {c1}') or SEARLE's ('a photo of $', 'a photo of $ that "
+                        "{c1} and {c2}', both caption orders averaged)")
     p.add_argument("--cache", help="folder for cached image embeddings")
     p.set_defaults(func=cmd_train)
 
