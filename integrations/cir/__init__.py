@@ -14,7 +14,8 @@ from .fashioniq import (CATEGORIES, FashionIQ, Triplet, average_report, evaluate
                         ranked_names_recall, recall_at_k, target_ranks)
 from .pic2word import (PROMPT_STYLES, MapperConfig, Pic2Word, PseudoWordMapper, embed_catalogue, embed_folder,
                        evaluate_pic2word, pic2word_loss, query_modification, train_mapper)
-from .rewriter import ATTRIBUTES, Edit, LLMRewriter, RuleRewriter, as_rewriter
+from .rewriter import (ATTRIBUTES, LLM_PROMPT, Edit, LLMRewriter, RuleRewriter, UnusableAnswerError, as_rewriter,
+                       modification_as_description, parse_edited_description)
 from .synthetic import build_synthetic_cir, find_pairs, load_edits, read_products, rewriter_for
 from .text_injection import (PLACEHOLDER, encode_text, encode_text_with_pseudo_tokens, injected,
                              placeholder_token_id, token_width)
@@ -25,7 +26,8 @@ __all__ = [
     "ranked_names_recall", "average_report", "markdown_table",
     "MapperConfig", "PROMPT_STYLES", "query_modification", "PseudoWordMapper", "train_mapper", "pic2word_loss", "Pic2Word", "evaluate_pic2word",
     "embed_catalogue", "embed_folder",
-    "RuleRewriter", "LLMRewriter", "Edit", "ATTRIBUTES", "as_rewriter",
+    "RuleRewriter", "LLMRewriter", "Edit", "ATTRIBUTES", "as_rewriter", "LLM_PROMPT", "UnusableAnswerError",
+    "parse_edited_description", "modification_as_description",
     "build_synthetic_cir", "read_products", "find_pairs", "load_edits", "rewriter_for",
     "PLACEHOLDER", "encode_text", "encode_text_with_pseudo_tokens", "injected", "placeholder_token_id", "token_width",
 ]
