@@ -318,10 +318,11 @@ def evaluate_pic2word(model: nn.Module, tokenizer: Callable[[list[str]], torch.T
     return evaluate(dataset, composer, images, categories, exclude_reference=exclude_reference)
 
 
-def embed_catalogue(model: nn.Module, preprocess: Callable, catalogue, views: str = "first",
-                    cache_dir: Optional[str | Path] = None, batch_size: int = 64) -> torch.Tensor:
-    """Image embeddings of a ``ProductCatalogue`` (first view of each product, or every view):
-    Pic2Word's training data."""
+def embed_product_images(model: nn.Module, preprocess: Callable, catalogue, views: str = "first",
+                         cache_dir: Optional[str | Path] = None, batch_size: int = 64) -> torch.Tensor:
+    """Raw image embeddings ``[N, D]`` of a ``ProductCatalogue`` (first view of each product, or every
+    view), cached like a gallery: the mapper's training data. (Not the library's
+    ``e2_adapter.evaluation.embed.embed_catalogue``, which embeds images and texts for retrieval.)"""
     if views not in ("first", "all"):
         raise ValueError(f"views must be 'first' or 'all', got {views!r}")
     keys = [f"{p}/{v}" for p in range(len(catalogue))
@@ -346,3 +347,13 @@ def embed_folder(model: nn.Module, preprocess: Callable, dataset: FashionIQ, cac
     names = dataset.image_names()
     images.precompute(names)
     return images(names)
+
+
+def __getattr__(name: str):
+    # The old name of embed_product_images; it clashed with e2_adapter.evaluation.embed.embed_catalogue.
+    if name == "embed_catalogue":
+        import warnings
+        warnings.warn("integrations.cir.pic2word.embed_catalogue is now embed_product_images",
+                      FutureWarning, stacklevel=2)
+        return embed_product_images
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
