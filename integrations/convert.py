@@ -206,8 +206,9 @@ def mapper_from_searle(source, dropout: float = 0.5, **config):
         raise OriginalCheckpointError(f"not a SEARLE Phi: expected Linear layers at layers.0, .3, .6, ...; "
                                       f"has {sorted(state)[:6]}")
     first, last = state["layers.0.weight"], state[f"layers.{linears[-1]}.weight"]
-    cfg = MapperConfig(input_dim=first.shape[1], output_dim=last.shape[0], hidden_dim=first.shape[0],
-                       hidden_layers=len(linears) - 1, dropout=dropout, activation="gelu", **config)
+    cfg = MapperConfig.for_style("searle", input_dim=first.shape[1], output_dim=last.shape[0],  # SEARLE's "$" prompts
+                                 hidden_dim=first.shape[0], hidden_layers=len(linears) - 1, dropout=dropout,
+                                 activation="gelu", **config)
     mapper = PseudoWordMapper(cfg)
     _load(mapper, state, "SEARLE Phi")
     return mapper.eval()

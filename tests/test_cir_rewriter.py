@@ -1,7 +1,11 @@
 """Caption rewriting for CIReVL: the rule rewriter on known edits, and the LLM / callable hooks."""
+import re
+
 import pytest
 
-from integrations.cir.rewriter import Edit, LLMRewriter, RuleRewriter, as_rewriter, main_material, singular
+from integrations.cir.rewriter import (LLM_PROMPT, SHORT_PROMPT, Edit, LLMRewriter, RuleRewriter, UnusableAnswerError,
+                                      as_rewriter, main_material, modification_as_description,
+                                      parse_edited_description, singular)
 
 BRANDS = ("Acme", "Dolce and Gabbana", "Tamsin Grey")
 
@@ -63,6 +67,50 @@ def test_llm_rewriter_reads_answer_and_falls_back():
     def broken(prompt):
         raise RuntimeError("network down")
     assert LLMRewriter(broken)("a black silk dress", "is red") == "a red silk dress"  # rule fallback
+
+
+def test_default_prompt_is_cirevl_style_few_shot_with_the_query_last():
+    prompts = []
+
+    def complete(prompt):
+        prompts.append(prompt)
+        return "Edited Description: a red silk dress"
+    LLMRewriter(complete)("a black silk dress with {braces}", "is red and longer")
+    prompt = prompts[0]
+    assert LLMRewriter(complete).prompt == LLM_PROMPT
+    # Instruction first, naming the three labelled fields and the answer format.
+    head = prompt[:prompt.index("Image Content: ")]
+    assert all(label in head for label in ('"Image Content:"', '"Instruction:"', '"Edited Description:"'))
+    # Worked examples: each an Image Content / Instruction / Edited Description triple.
+    examples = re.findall(r"Image Content: .+\nInstruction: .+\nEdited Description: .+", prompt)
+    assert len(examples) >= 10
+    # The query comes last, in the examples' layout, with no answer filled in.
+    assert prompt.rstrip("\n").endswith("Image Content: a black silk dress with {braces}\nInstruction: is red and longer")
+    assert prompt.count("Edited Description: ") == len(examples)
+
+
+def test_answer_parser_reads_the_edited_description_line():
+    assert parse_edited_description("Sure!\n  edited description:  a green coat \nmore") == "a green coat"
+    # Text after the label is kept whole, colons included (CIReVL's split(':')[1] would cut it).
+    assert parse_edited_description("Edited Description: a t-shirt reading: hello") == "a t-shirt reading: hello"
+    # An empty labelled line is skipped for a later one with text.
+    assert parse_edited_description("Edited Description:\nEdited Description: a coat") == "a coat"
+    for answer in ("a green coat", "", "Edited Description:   ", "Description: a coat"):
+        with pytest.raises(UnusableAnswerError, match="Edited Description"):
+            parse_edited_description(answer)
+
+
+def test_unusable_answers_fall_back_or_raise():
+    chatty = lambda prompt: "I think the target is a red silk dress."  # noqa: E731  no labelled line
+    assert LLMRewriter(chatty)("a black silk dress", "is red") == "a red silk dress"  # rule fallback
+    assert LLMRewriter(chatty, fallback=modification_as_description)("a black silk dress", "is red") == "is red"
+    with pytest.raises(UnusableAnswerError, match="no line starting with 'Edited Description:'"):
+        LLMRewriter(chatty, fallback=None)("a black silk dress", "is red")
+    short = LLMRewriter(lambda p: "Edited Description: a red dress", prompt=SHORT_PROMPT)
+    assert short("a black dress", "is red") == "a red dress"
+    assert "Image Content: a black dress" in short.build_prompt("a black dress", "is red")
+    with pytest.raises(ValueError, match="modification"):
+        LLMRewriter(chatty, prompt="Describe {caption}")
 
 
 def test_any_callable_is_a_rewriter():

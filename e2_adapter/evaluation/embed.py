@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..backends import VisionBackend
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import EvalImages, collate
-from ..torch_utils import model_device
-from ..wrap import encode_image_regions, get_backend, is_wrapped
+from ..torch_utils import eval_mode, model_device
+from ..wrap import clip_towers, encode_image_regions, get_backend, is_wrapped
 from ..training.distributed import gather_shards, shard
 from .linear_probe import probe_entities
 from .retrieval import PROTOCOLS
@@ -32,13 +33,29 @@ class CatalogueEmbeddings:
 
 
 @torch.no_grad()
-def embed_texts(backend: VisionBackend, tokenizer, texts: list[str], batch_size: int = 256,
-                distributed: bool = False) -> torch.Tensor:
-    device = model_device(backend.model)
+def embed_texts(model, tokenizer, texts: list[str], batch_size: int = 256, distributed: bool = False,
+                normalize: bool = False) -> torch.Tensor:
+    """Text-tower embeddings ``[N, D]``, float32 on the CPU, in the order of ``texts``: the one place
+    texts are embedded (the captioning and composed-retrieval integrations call it too).
+
+    ``model``: a model (wrapped or not, of any family e2-adapter knows, or any module with its own
+    ``encode_image`` / ``encode_text``: ``wrap.clip_towers``) or its ``VisionBackend``. It runs in eval
+    mode for the call (E2's fusion samples Gumbel noise only in training); every module's own flag is
+    restored after. ``normalize``: L2-normalised rows (what the captioners train on); raw otherwise.
+    """
+    towers = model if isinstance(model, VisionBackend) else clip_towers(model)
+    module = towers.model if isinstance(towers, VisionBackend) else towers
+    device = model_device(module)
+    texts = list(texts)
     mine, counts = shard(len(texts), distributed)
     texts = texts[mine.start:mine.stop]
-    chunks = [backend.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
-              for i in range(0, len(texts), batch_size)]
+    chunks = []
+    with eval_mode(module):
+        for i in range(0, len(texts), batch_size):
+            out = towers.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float()
+            chunks.append((F.normalize(out, dim=-1) if normalize else out).cpu())
+    if not chunks and not distributed:
+        return torch.empty(0)
     return gather_shards(torch.cat(chunks), counts, device)
 
 

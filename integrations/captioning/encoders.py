@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e2_adapter.backends import UnsupportedModelError
+from e2_adapter.evaluation.embed import embed_texts as library_embed_texts
 from e2_adapter.torch_utils import eval_mode, model_device  # noqa: F401  (re-exported)
 from e2_adapter.wrap import clip_towers
 
@@ -66,16 +67,11 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 def embed_texts(model: ClipLike, tokenizer: TextTokenizerFn, texts: Sequence[str],
                 batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised ``encode_text`` embeddings, float32 on the CPU, shape [N, D]."""
+    """L2-normalised ``encode_text`` embeddings, float32 on the CPU, shape [N, D] (the library's
+    ``e2_adapter.evaluation.embed.embed_texts`` with ``normalize=True``)."""
     if len(texts) == 0:
         raise ValueError("no texts to embed")
-    device, towers = model_device(model), clip_towers(model)
-    out = []
-    with frozen(model):
-        for part in _batches(len(texts), batch_size):
-            tokens = tokenizer(list(texts[part])).to(device)
-            out.append(F.normalize(towers.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(out)
+    return library_embed_texts(model, tokenizer, list(texts), batch_size=batch_size, normalize=True)
 
 
 def embed_images(model: ClipLike, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

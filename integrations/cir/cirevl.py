@@ -24,12 +24,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2_adapter.evaluation.embed import embed_texts
 from e2_adapter.torch_utils import model_device
 from e2_adapter.wrap import clip_towers
 
 from .fashioniq import FashionIQ, Triplet
 from .rewriter import Rewriter, as_rewriter
-from .text_injection import encode_text
 
 Captioner = Callable[[list[Image.Image]], list[str]]
 ImageLoader = Callable[[str], Image.Image]
@@ -191,18 +191,11 @@ def load_captions(path: str | Path) -> dict[str, str]:
 
 
 # -- text side --------------------------------------------------------------------------------------
-@torch.no_grad()
 def encode_texts(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], texts: Sequence[str],
                  batch_size: int = 256) -> torch.Tensor:
-    """Text-tower embeddings ``[N, D]`` (raw, float32 on CPU)."""
-    device, was_training = model_device(model), model.training
-    model.eval()
-    try:
-        out = [encode_text(model, tokenizer(list(texts[i:i + batch_size])).to(device)).float().cpu()
-               for i in range(0, len(texts), batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    """Text-tower embeddings ``[N, D]`` (raw, float32 on CPU): the library's
+    ``e2_adapter.evaluation.embed.embed_texts``."""
+    return embed_texts(model, tokenizer, list(texts), batch_size=batch_size)
 
 
 class CIReVL:

@@ -2,6 +2,7 @@
 
     e2-adapter cir build --catalogue data/fashionsynth_validation.h5 --out data/cir
     e2-adapter cir train --data data/fashionsynth_train.h5 --out runs/phi  [model flags]
+    e2-adapter cir train --data data/fashionsynth_train.h5 --out runs/phi --objective searle  [model flags]
     e2-adapter cir eval  --data data/cir --method cirevl                    [model flags]
     e2-adapter cir eval  --data data/cir --method pic2word --mapper runs/phi [model flags]
 
@@ -61,12 +62,13 @@ def cmd_build(args) -> dict:
 
 def _training_embeddings(args, bundle) -> torch.Tensor:
     from .fashioniq import FashionIQ
-    from .pic2word import embed_catalogue, embed_folder
+    from .pic2word import embed_folder, embed_product_images
     path = Path(args.data)
     if path.is_dir():
         return embed_folder(bundle.model, bundle.preprocess, FashionIQ(path, args.split), cache_dir=args.cache)
     from e2_adapter.data import FashionGenH5
-    return embed_catalogue(bundle.model, bundle.preprocess, FashionGenH5(path), views=args.views, cache_dir=args.cache)
+    return embed_product_images(bundle.model, bundle.preprocess, FashionGenH5(path), views=args.views,
+                                cache_dir=args.cache)
 
 
 def cmd_train(args) -> Path:
@@ -74,16 +76,31 @@ def cmd_train(args) -> Path:
     from .text_injection import token_width
     bundle = load_encoder(args)
     embeddings = _training_embeddings(args, bundle)
-    config = MapperConfig(input_dim=embeddings.shape[1], output_dim=token_width(bundle.model),
-                          hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, dropout=args.dropout)
+    prompts = args.prompts or args.objective  # each objective trains with its own method's prompts by default
+    config = MapperConfig.for_style(prompts, input_dim=embeddings.shape[1], output_dim=token_width(bundle.model),
+                                    hidden_dim=args.hidden_dim, hidden_layers=args.hidden_layers, dropout=args.dropout)
     every = max(1, args.steps // 10)
-    mapper, losses = train_mapper(
-        bundle.model, bundle.tokenizer, embeddings, config, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        log=lambda step, loss: print(f"step {step + 1}/{args.steps} loss {loss:.4f}")
-        if (step + 1) % every == 0 or step == 0 else None)
+
+    def log(step, loss):
+        if (step + 1) % every == 0 or step == 0:
+            print(f"step {step + 1}/{args.steps} loss {loss:.4f}")
+    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                  seed=args.seed, log=log)
+    record = {"images": len(embeddings), "objective": args.objective}
+    if args.objective == "searle":
+        from .searle import PhraseBank, train_searle
+        bank = PhraseBank.load(args.concepts) if args.concepts else None
+        mapper, searle = train_searle(bundle.model, bundle.tokenizer, embeddings, config, bank=bank,
+                                      oti_steps=350 if args.oti_steps is None else args.oti_steps, oti_batch_size=args.oti_batch_size, **common)
+        losses = searle["losses"]
+        record["oti_losses"] = searle["oti_losses"]
+        print("OTI loss per image batch: " + ", ".join(f"{b[0]:.4f} -> {b[-1]:.4f}" for b in searle["oti_losses"]))
+    else:
+        if args.concepts or args.oti_steps is not None:
+            raise SystemExit("--concepts and --oti-steps belong to --objective searle")
+        mapper, losses = train_mapper(bundle.model, bundle.tokenizer, embeddings, config, **common)
     out = mapper.save(args.out)
-    (out / "train_log.json").write_text(json.dumps({"images": len(embeddings), "losses": losses}))
+    (out / "train_log.json").write_text(json.dumps({**record, "losses": losses}))
     print(f"mapper saved to {out} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
     return out
 
@@ -173,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-dim", type=int, default=2048)
     p.add_argument("--hidden-layers", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--objective", default="pic2word", choices=("pic2word", "searle"),
+                   help="pic2word: contrastive loss of 'a photo of *' against the images; searle: textual "
+                        "inversion per image, then phi distilled from it (integrations/cir/searle.py)")
+    p.add_argument("--prompts", default=None, choices=("pic2word", "searle"),
+                   help="prompts the mapper trains and queries with (default: the objective's): Pic2Word's "
+                        "('a photo of *', query 'a photo of * , {c2} and {c1}') or SEARLE's ('a photo of $', "
+                        "'a photo of $ that {c1} and {c2}', both caption orders averaged)")
+    p.add_argument("--concepts", help="searle: concepts for the phrase regulariser: a JSON list, a JSON "
+                                      "{concept: [phrases]} or a text file, one concept per line (default: "
+                                      "garment words with built-in phrases)")
+    p.add_argument("--oti-steps", type=int, default=None, help="searle: inversion steps per image (default 350)")
+    p.add_argument("--oti-batch-size", type=int, default=32, help="searle: images inverted together")
     p.add_argument("--cache", help="folder for cached image embeddings")
     p.set_defaults(func=cmd_train)
 

@@ -1,18 +1,36 @@
 """Trained zero-shot composed retrieval, Pic2Word / SEARLE style.
 
 A mapping network phi turns an image embedding into a pseudo-word: a vector in the text tower's
-token-embedding space. At query time it replaces the placeholder of "a photo of $ that {modification}"
+token-embedding space. At query time it replaces the placeholder of the query prompt
 (``text_injection.py``) and the text embedding of that prompt is the query.
 
 Training needs images only and keeps both towers frozen (Pic2Word's objective): the text embedding
-of "a photo of $" with the image's pseudo-word must pick out that image among the batch (symmetric
-InfoNCE with the model's own logit scale). Image embeddings are computed once, since the image tower
-does not change.
+of the training prompt with the image's pseudo-word must pick out that image among the batch
+(symmetric InfoNCE with the model's own logit scale). Image embeddings are computed once, since the
+image tower does not change. SEARLE's own objective (textual inversion, then distillation) is
+``searle.py``; it trains the same ``PseudoWordMapper``.
+
+Prompts (``PROMPT_STYLES``; the default is Pic2Word's, as its public code builds them):
+
+* ``"pic2word"``: placeholder ``*`` (CLIP BPE id 265); training prompt ``a photo of *`` (Pic2Word
+  tokenizes "a photo of" and inserts the pseudo-word before the end token, which gives the same ids);
+  FashionIQ query ``a photo of * , {c2} and {c1}``: the two relative captions as written (not
+  stripped), the *second* first, one query per triplet.
+* ``"searle"``: placeholder ``$`` (id 259); ``a photo of $`` / ``a photo of $ that {c1} and {c2}``
+  with trailing ".?, " stripped from each caption, built with both caption orders and the two
+  normalized embeddings averaged (SEARLE's ``validate.py``). This was the shim's default before;
+  ``MapperConfig.for_style("searle", ...)`` selects it, and a saved mapper config written before the
+  ``caption_join`` field existed loads with it, so old mappers evaluate as they did.
+
+Kept differences from Pic2Word: its mapper is trained on CC3M images with its own ViT-L/14 batch and
+schedule (here: whatever images and steps the caller gives); its FashionIQ evaluation reads each
+category's captions file directly, while here the shared ``fashioniq.evaluate`` protocol (gallery =
+the category's image split, ties count against the query) ranks the queries.
 
 Architecture (SEARLE's phi): Linear -> GELU -> Dropout, ``hidden_layers`` times (width
 ``hidden_dim``, 2048 in SEARLE = 4 x 512 for ViT-B/32), then a Linear to the token width. SEARLE's
 public code uses two hidden layers and dropout 0.5, Pic2Word a similar MLP with ReLU; both are one
-config away.
+config away (``activation``).
 """
 from __future__ import annotations
 
@@ -28,13 +46,22 @@ from torch import nn
 
 from .cirevl import ImageFeatures, file_identity, model_device
 from .fashioniq import FashionIQ, Triplet, join_captions
-from .text_injection import PLACEHOLDER, encode_text_with_pseudo_tokens, placeholder_token_id, token_width
+from .text_injection import encode_text_with_pseudo_tokens, placeholder_token_id, token_width
 
 CONFIG_NAME = "mapper_config.json"
 # Pic2Word's IM2TEXT puts dropout before its ReLU; dropout scales by a non-negative mask, so the two
 # orders compute the same function and share this layout (and its state-dict keys).
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 WEIGHTS_NAME = "mapper.safetensors"
+
+# The prompt fields of MapperConfig per method (see the module docstring).
+PROMPT_STYLES = {
+    "pic2word": dict(placeholder="*", train_prompt="a photo of *", query_prompt="a photo of * , {modification}",
+                     caption_join="pic2word"),
+    "searle": dict(placeholder="$", train_prompt="a photo of $", query_prompt="a photo of $ that {modification}",
+                   caption_join="searle"),
+}
+CAPTION_JOINS = ("pic2word", "searle")
 
 
 @dataclass
@@ -45,16 +72,26 @@ class MapperConfig:
     hidden_layers: int = 2
     dropout: float = 0.5
     activation: str = "gelu"  # "gelu" (SEARLE's phi) or "relu" (Pic2Word's IM2TEXT: hidden 512, dropout 0.1)
-    placeholder: str = PLACEHOLDER
-    train_prompt: str = "a photo of $"
-    query_prompt: str = "a photo of $ that {modification}"
+    placeholder: str = PROMPT_STYLES["pic2word"]["placeholder"]
+    train_prompt: str = PROMPT_STYLES["pic2word"]["train_prompt"]
+    query_prompt: str = PROMPT_STYLES["pic2word"]["query_prompt"]
+    caption_join: str = "pic2word"  # how several relative captions become one modification (CAPTION_JOINS)
+
+    @classmethod
+    def for_style(cls, style: str, input_dim: int, output_dim: int, **fields) -> "MapperConfig":
+        """A config with the prompts of ``style`` ("pic2word" or "searle"); ``fields`` override."""
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, got {style!r}")
+        return cls(input_dim=input_dim, output_dim=output_dim, **{**PROMPT_STYLES[style], **fields})
 
     def __post_init__(self):
+        if self.caption_join not in CAPTION_JOINS:
+            raise ValueError(f"caption_join must be one of {CAPTION_JOINS}, got {self.caption_join!r}")
+        if "{modification}" not in self.query_prompt:
+            raise ValueError("query_prompt must contain '{modification}'")
         for name in ("train_prompt", "query_prompt"):
             if self.placeholder not in getattr(self, name):
                 raise ValueError(f"{name} {getattr(self, name)!r} must contain the placeholder {self.placeholder!r}")
-        if "{modification}" not in self.query_prompt:
-            raise ValueError("query_prompt must contain '{modification}'")
         if self.hidden_layers < 0:
             raise ValueError("hidden_layers must be >= 0")
         if self.activation not in ACTIVATIONS:
@@ -70,7 +107,11 @@ class MapperConfig:
             raise FileNotFoundError(f"mapper config not found: {path}")
         data = json.loads(path.read_text())
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        for name in ("placeholder", "train_prompt", "query_prompt", "caption_join"):
+            # Configs written before Pic2Word's prompts became the default used SEARLE's.
+            data.setdefault(name, PROMPT_STYLES["searle"][name])
+        return cls(**data)
 
 
 class PseudoWordMapper(nn.Module):
@@ -205,22 +246,37 @@ def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor
     return mapper.eval(), losses
 
 
+def query_modification(captions: Sequence[str], caption_join: str) -> str:
+    """The modification text of one query (``MapperConfig.caption_join``): "pic2word" joins the
+    captions as written in reverse order ("{c2} and {c1}", Pic2Word's FashionIQ query), "searle"
+    strips them and keeps their order (``fashioniq.join_captions``; ``Pic2Word`` adds the other order)."""
+    if caption_join == "pic2word":
+        return " and ".join(c for c in reversed(captions) if c.strip())
+    if caption_join == "searle":
+        return join_captions(captions)
+    raise ValueError(f"caption_join must be one of {CAPTION_JOINS}, got {caption_join!r}")
+
+
 class Pic2Word:
     """The trained composer: ``compose(triplets, dataset) -> [Q, D]``.
 
-    The query is the text embedding of ``config.query_prompt`` with the reference's pseudo-word.
-    With two relative captions (FashionIQ), SEARLE's practice is followed: the prompt is built
-    with both caption orders and the two normalized embeddings are averaged.
+    The query is the text embedding of ``config.query_prompt`` with the reference's pseudo-word. How
+    FashionIQ's two relative captions fill ``{modification}`` follows ``config.caption_join``: one
+    query with "{c2} and {c1}" (Pic2Word), or both orders averaged (SEARLE). ``average_both_orders``
+    True / False overrides that choice of one or two orders (the captions are joined as the style says).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], mapper: PseudoWordMapper,
-                 image_features: ImageFeatures, average_both_orders: bool = True, batch_size: int = 256):
+                 image_features: ImageFeatures, average_both_orders: Optional[bool] = None, batch_size: int = 256):
         check_compatible(mapper, model)
         self.model, self.tokenizer, self.mapper = model, tokenizer, mapper
         self.image_features = image_features
         self.average_both_orders = average_both_orders
         self.batch_size = batch_size
         self.placeholder_id = placeholder_token_id(tokenizer, mapper.config.placeholder)
+
+    def query_prompts(self, modifications: Sequence[str]) -> list[str]:
+        return [self.mapper.config.query_prompt.format(modification=m) for m in modifications]
 
     @torch.no_grad()
     def encode_queries(self, reference_embeddings: torch.Tensor, modifications: Sequence[str]) -> torch.Tensor:
@@ -231,19 +287,20 @@ class Pic2Word:
         with frozen(self.model):
             for i in range(0, len(modifications), self.batch_size):
                 pseudo = self.mapper(reference_embeddings[i:i + self.batch_size].to(device))
-                prompts = [self.mapper.config.query_prompt.format(modification=m)
-                           for m in modifications[i:i + self.batch_size]]
-                tokens = self.tokenizer(prompts).to(device)
+                tokens = self.tokenizer(self.query_prompts(modifications[i:i + self.batch_size])).to(device)
                 out.append(F.normalize(encode_text_with_pseudo_tokens(
                     self.model, tokens, pseudo, self.placeholder_id).float(), dim=-1).cpu())
         return torch.cat(out)
 
     def compose(self, triplets: Sequence[Triplet], dataset: FashionIQ) -> torch.Tensor:
         references = self.image_features([t.reference for t in triplets])
-        queries = self.encode_queries(references, [join_captions(t.captions) for t in triplets])
-        if self.average_both_orders and any(len(t.captions) > 1 for t in triplets):
-            reversed_ = self.encode_queries(references, [join_captions(t.captions, reverse=True) for t in triplets])
-            queries = F.normalize(queries + reversed_, dim=-1)
+        join = self.mapper.config.caption_join
+        both = self.average_both_orders if self.average_both_orders is not None else join == "searle"
+        queries = self.encode_queries(references, [query_modification(t.captions, join) for t in triplets])
+        if both and any(len(t.captions) > 1 for t in triplets):
+            # The other caption order, joined the way this style joins.
+            other = [query_modification(t.captions[::-1], join) for t in triplets]
+            queries = F.normalize(queries + self.encode_queries(references, other), dim=-1)
         return queries
 
 
@@ -261,10 +318,11 @@ def evaluate_pic2word(model: nn.Module, tokenizer: Callable[[list[str]], torch.T
     return evaluate(dataset, composer, images, categories, exclude_reference=exclude_reference)
 
 
-def embed_catalogue(model: nn.Module, preprocess: Callable, catalogue, views: str = "first",
-                    cache_dir: Optional[str | Path] = None, batch_size: int = 64) -> torch.Tensor:
-    """Image embeddings of a ``ProductCatalogue`` (first view of each product, or every view):
-    Pic2Word's training data."""
+def embed_product_images(model: nn.Module, preprocess: Callable, catalogue, views: str = "first",
+                         cache_dir: Optional[str | Path] = None, batch_size: int = 64) -> torch.Tensor:
+    """Raw image embeddings ``[N, D]`` of a ``ProductCatalogue`` (first view of each product, or every
+    view), cached like a gallery: the mapper's training data. (Not the library's
+    ``e2_adapter.evaluation.embed.embed_catalogue``, which embeds images and texts for retrieval.)"""
     if views not in ("first", "all"):
         raise ValueError(f"views must be 'first' or 'all', got {views!r}")
     keys = [f"{p}/{v}" for p in range(len(catalogue))
@@ -289,3 +347,13 @@ def embed_folder(model: nn.Module, preprocess: Callable, dataset: FashionIQ, cac
     names = dataset.image_names()
     images.precompute(names)
     return images(names)
+
+
+def __getattr__(name: str):
+    # The old name of embed_product_images; it clashed with e2_adapter.evaluation.embed.embed_catalogue.
+    if name == "embed_catalogue":
+        import warnings
+        warnings.warn("integrations.cir.pic2word.embed_catalogue is now embed_product_images",
+                      FutureWarning, stacklevel=2)
+        return embed_product_images
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

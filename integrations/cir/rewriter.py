@@ -8,8 +8,10 @@ description of the target image. Two rewriters answer the same call
   "is blue and has a logo of Acme", "is made of wool", "is a skirt instead of a dress"). It parses
   the modification into ``Edit``s (colour, brand, fabric, subcategory), substitutes them into the
   caption, and keeps any clause it cannot parse as a trailing "that ..." phrase.
-* ``LLMRewriter``: wraps any ``complete(prompt) -> str`` (an LLM client) with an instruction prompt
-  and reads back the "Edited Description:" line, falling back to the rule rewriter on failure.
+* ``LLMRewriter``: wraps any ``complete(prompt) -> str`` (an LLM client) with a few-shot prompt laid
+  out like CIReVL's FashionIQ prompt (instruction; kinds of edit, each with an "Image Content: /
+  Instruction: / Edited Description:" example; fashion examples; then the query) and reads back the
+  "Edited Description:" line, falling back to the rule rewriter when the answer has none.
 
 Any plain callable ``(caption, modification) -> str`` works wherever a rewriter is expected.
 """
@@ -288,7 +290,85 @@ def _fix_articles(text: str) -> str:
 
 
 # -- LLM hook ---------------------------------------------------------------------------------------
-LLM_PROMPT = (
+# The default prompt follows the layout of CIReVL's FashionIQ prompt (its prompts.py,
+# structural_modifier_prompt_fashion): an instruction naming the three labelled fields, kinds of edit
+# each shown by one worked example, rules (short, nothing invented, one answer), then fashion
+# examples in FashionIQ's terse caption style; the query's two lines are appended after a newline.
+# The wording and every example are this project's own.
+FASHION_FEW_SHOT_PROMPT = """\
+You help search a fashion catalogue. I describe a garment in a photo and give an instruction that says
+how the garment I want differs from it. Write a description of the garment I want. My description
+starts with "Image Content:", my instruction starts with "Instruction:", and your answer must start
+with "Edited Description:". The answer should be a complete description and may need any of these
+kinds of change; one example of each:
+
+"colour"
+Image Content: a navy wool coat with a belt
+Instruction: make it camel coloured
+Edited Description: a camel wool coat with a belt
+
+"addition"
+Image Content: a plain white cotton t-shirt
+Instruction: add a small logo on the chest
+Edited Description: a white cotton t-shirt with a small logo on the chest
+
+"removal"
+Image Content: a denim jacket with a fur collar
+Instruction: without the collar
+Edited Description: a denim jacket without a collar
+
+"material"
+Image Content: a black leather skirt
+Instruction: is knitted instead
+Edited Description: a black knitted skirt
+
+"garment type"
+Image Content: a floral print summer dress
+Instruction: a blouse with the same print
+Edited Description: a floral print summer blouse
+
+"comparative"
+Image Content: a knee length grey skirt
+Instruction: is shorter and darker
+Edited Description: a short dark grey skirt
+
+"several changes"
+Image Content: a red hoodie with a front pocket
+Instruction: is green and has no hood
+Edited Description: a green sweatshirt with a front pocket
+
+"no change"
+Image Content: a beige trench coat
+Instruction: looks the same
+Edited Description: a beige trench coat
+
+Keep the edited description as short and plain as you can. Keep what the instruction does not change,
+do not invent details, and answer with one edited description only. The instruction does not say
+which kind of change it is. More examples in the style of the captions you will see:
+
+Image Content: the woman is wearing a pale blue shirt dress
+Instruction: is sleeveless and is darker blue
+Edited Description: the woman is wearing a sleeveless dark blue shirt dress
+
+Image Content: a grey t-shirt with a band name printed on it
+Instruction: has a different band and is white
+Edited Description: a white t-shirt with a different band name printed on it
+
+Image Content: the man is wearing a checked flannel shirt
+Instruction: is solid black and more formal
+Edited Description: the man is wearing a formal solid black shirt
+
+Image Content: a long sleeved striped top
+Instruction: has short sleeves and no stripes
+Edited Description: a plain top with short sleeves
+
+Image Content: a yellow polka dot dress with thin straps
+Instruction: is longer and has a pattern of flowers
+Edited Description: a long yellow dress with a flower pattern and thin straps
+"""
+QUERY_LINES = "\nImage Content: {caption}\nInstruction: {modification}\n"
+# The project's earlier short instruction prompt, kept as an option (``LLMRewriter(prompt=SHORT_PROMPT)``).
+SHORT_PROMPT = (
     "You edit product descriptions for fashion image search.\n"
     "Given the description of a reference garment and an instruction saying how the wanted garment "
     "differs from it, write one short description of the wanted garment. Keep everything the "
@@ -297,33 +377,68 @@ LLM_PROMPT = (
     "Answer with one line that starts with 'Edited Description:'.\n\n"
     "Image Content: {caption}\nInstruction: {modification}\n"
 )
+LLM_PROMPT = FASHION_FEW_SHOT_PROMPT.replace("{", "{{").replace("}", "}}") + QUERY_LINES  # the default
+ANSWER_LABEL = "Edited Description:"
+
+
+class UnusableAnswerError(ValueError):
+    """The LLM's answer has no non-empty "Edited Description:" line."""
+
+
+def parse_edited_description(answer: str, label: str = ANSWER_LABEL) -> str:
+    """The target description from an LLM answer: the text after ``label`` on the first line that
+    starts with it (case and surrounding spaces ignored), as the prompt asks. Raises
+    ``UnusableAnswerError`` when no such line holds any text."""
+    for line in (answer or "").splitlines():
+        line = line.strip()
+        if line.lower().startswith(label.lower()):
+            text = line[len(label):].strip()
+            if text:
+                return text
+    shown = (answer or "").strip().replace("\n", " | ")
+    shown = shown[:120] + ("..." if len(shown) > 120 else "")
+    raise UnusableAnswerError(f"the LLM answer has no line starting with {label!r} followed by a description "
+                              f"(got {shown!r}); the prompt must ask for that format, or give LLMRewriter a "
+                              "fallback rewriter")
+
+
+def modification_as_description(caption: str, modification: str) -> str:
+    """CIReVL's own fallback when the answer is unusable: search with the instruction text itself."""
+    return modification
 
 
 @dataclass
 class LLMRewriter:
     """Rewrite with any text-completion callable (an LLM client), CIReVL style.
 
-    ``complete(prompt) -> str``; the answer's 'Edited Description:' line is used, else its first
-    non-empty line, else (empty answer or an exception) the ``fallback`` rewriter.
+    ``complete(prompt) -> str`` gets ``prompt`` (default: the few-shot fashion prompt, laid out like
+    CIReVL's FashionIQ prompt) filled with the caption and the modification; the answer's first
+    "Edited Description:" line is the target description (``parse_edited_description``).
+
+    When the call fails or the answer has no usable line, ``fallback(caption, modification)`` answers:
+    by default the ``RuleRewriter`` (a kept difference: CIReVL searches with the bare instruction
+    then, which is ``fallback=modification_as_description``); ``fallback=None`` raises instead.
     """
     complete: Callable[[str], str]
     prompt: str = LLM_PROMPT
     fallback: Optional[Rewriter] = field(default_factory=RuleRewriter)
 
+    def __post_init__(self):
+        for name in ("{caption}", "{modification}"):
+            if name not in self.prompt:
+                raise ValueError(f"the rewriter prompt must contain {name}; it is filled with the query's "
+                                 "reference description and modification")
+
+    def build_prompt(self, caption: str, modification: str) -> str:
+        return self.prompt.format(caption=caption, modification=modification)
+
     def __call__(self, caption: str, modification: str) -> str:
         try:
-            answer = self.complete(self.prompt.format(caption=caption, modification=modification)) or ""
+            return parse_edited_description(self.complete(self.build_prompt(caption, modification)))
         except Exception:
-            answer = ""
-        lines = [ln.strip() for ln in answer.splitlines() if ln.strip()]
-        for line in lines:
-            if line.lower().startswith("edited description:"):
-                text = line.split(":", 1)[1].strip()
-                if text:
-                    return text
-        if lines and not any(ln.lower().startswith("edited description") for ln in lines):
-            return lines[0]
-        return self.fallback(caption, modification) if self.fallback else f"{caption} that {modification}"
+            if self.fallback is None:
+                raise
+            return self.fallback(caption, modification)
 
 
 def as_rewriter(rewriter: Rewriter | None) -> Rewriter:
