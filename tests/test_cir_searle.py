@@ -92,7 +92,7 @@ def test_distilled_phi_moves_toward_the_oti_targets(bundle):
     with torch.no_grad():
         before = F.mse_loss(mapper(x), targets).item()
     mapper, losses = distill_mapper(model, bundle.tokenizer, x, targets, mapper=mapper, steps=40, batch_size=8,
-                                    lr=1e-2, bank=PhraseBank.from_concepts(CONCEPTS), top_k=2)
+                                    lr=1e-2, lambda_distance=1.0, bank=PhraseBank.from_concepts(CONCEPTS), top_k=2)
     with torch.no_grad():
         after = F.mse_loss(mapper(x), targets).item()
         cos = F.cosine_similarity(mapper(x), targets).mean().item()

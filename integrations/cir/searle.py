@@ -7,8 +7,7 @@ SEARLE trains the same mapping network phi (``PseudoWordMapper``) in two stages,
    the image embedding (cosine loss), plus a regulariser that keeps "a photo of $ that <phrase>"
    close to "a photo of <concept> that <phrase>" for phrases about concepts the image shows (so v
    behaves like a word for that concept). The result is the EMA of v over the steps.
-2. **Distillation**: phi learns to predict the OTI tokens from image embeddings: a squared distance
-   to the OTI token plus SEARLE's contrastive term (a symmetric NT-Xent between the batch's OTI tokens
+2. **Distillation**: phi learns to predict the OTI tokens from image embeddings: SEARLE's contrastive term (a symmetric NT-Xent between the batch's OTI tokens
    and phi's tokens, temperature 0.25: each predicted token must be nearer its own OTI token than any
    other token of the batch), plus the same phrase regulariser on phi's tokens.
 
@@ -27,9 +26,10 @@ Differences from SEARLE's public code, kept on purpose:
   model being trained for, and the same ``top_k`` arguments.
 * **Templates.** SEARLE's OTI samples one of 24 PALAVRA templates per image and step; the default
   here is the one prompt "a photo of $"; ``templates=`` takes any list.
-* **Distillation loss.** SEARLE's public ``train_phi.py`` uses only the contrastive term (weight 1)
-  and the phrase regulariser (weight 0.75); the squared distance (``lambda_distance``, default 1) is
-  added here; ``lambda_distance=0`` gives the public code's loss.
+* **Distillation loss.** As SEARLE's public ``train_phi.py``: the contrastive term (weight 1) and the
+  phrase regulariser (weight 0.75). An optional squared distance to the OTI token
+  (``lambda_distance``, default 0, which is the public code's loss) is there for users who want phi
+  to match the tokens' scale as well as their directions.
 * No mixed precision or gradient scaler (SEARLE runs OTI and phi under CUDA autocast); the images
   are the caller's (SEARLE inverts ImageNet's test set and trains phi on it).
 """
@@ -229,7 +229,7 @@ def invert_images(model: nn.Module, tokenizer: Tokenizer, image_embeddings: torc
 def distill_mapper(model: nn.Module, tokenizer: Tokenizer, image_embeddings: torch.Tensor, oti_tokens: torch.Tensor,
                    config: Optional[MapperConfig] = None, *, bank: Optional[PhraseBank] = None, steps: int = 1000,
                    batch_size: int = 256, lr: float = 1e-4, weight_decay: float = 0.01,
-                   lambda_distance: float = 1.0, lambda_contrastive: float = 1.0, temperature: float = 0.25,
+                   lambda_distance: float = 0.0, lambda_contrastive: float = 1.0, temperature: float = 0.25,
                    lambda_reg: float = 0.75, top_k: int = 150, seed: int = 0,
                    mapper: Optional[PseudoWordMapper] = None,
                    log: Optional[Callable[[int, float], None]] = None) -> tuple[PseudoWordMapper, list[float]]:
