@@ -9,8 +9,8 @@ import torch
 import e2_adapter
 from e2_adapter.pretrained import CONFIG_FILE, WEIGHTS_FILE, PretrainedFormatError
 from e2_adapter.zoo import create_clip
+from helpers import FAMILIES
 
-FAMILIES = ("open_clip", "openai", "hf")
 
 
 def _perturbed(family, wrapped=True, seed=0):
