@@ -41,7 +41,8 @@ def test_entity_ceiling_reports_accuracy_and_chance(tmp_path, one_thread, capsys
     assert row["entity"] == "season" and abs(row["chance"] - 100 / 6) < 1e-6
     # an accuracy over the validation products: a whole number of them right
     n_val = json.loads((base_out / "setting.json").read_text())["data"]["val_products"]
-    assert row["val_accuracy"] * n_val / 100 == pytest.approx(round(row["val_accuracy"] * n_val / 100), abs=1e-6)
+    right = row["val_accuracy"] * n_val / 100
+    assert right == pytest.approx(round(right), abs=1e-3)  # (a float32 mean)
     bench.main(["--table", str(base_out)])  # the calibration table reads what the run kept on disk
     table_row = capsys.readouterr().out.strip().splitlines()[-1]
     assert table_row.startswith("| bench | demo | 2000 | 24 / 6 | 1, 1 | - | "

@@ -101,11 +101,16 @@ def test_figure_written(pair, images, tmp_path):
     model, base = pair
     path = V.save_selection_figure(model, images[:2], tmp_path / "figs" / "sel.png", baseline=base,
                                    per_fusion=True, titles=["a", "b"])
-    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entities = e2_adapter.get_adapter(model).config.entities
+    palette = V.entity_colours(entities)
     with Image.open(path) as im:
-        assert im.width > im.height / 2 > 0  # 3 columns, 2 rows
+        # 3-inch cells at 100 dpi: 2 fusion columns + the baseline's, 2 rows + the legend strip
+        assert im.format == "PNG" and im.size == (900, 660)
+        shown = set(im.convert("RGB").getdata())
+    assert all(tuple(palette[e]) in shown for e in entities)  # every entity's colour is drawn
     path = V.save_selection_figure(model, images[:1], tmp_path / "plain.png")
-    assert path.is_file()
+    with Image.open(path) as im:
+        assert im.size == (300, 360)  # one column (all fusion blocks), no baseline, one row
 
 
 def _fake_selections(monkeypatch, selections):
