@@ -1,7 +1,8 @@
 """FashionSynth benchmark: CLIP-FT vs E2, the paper's ablations, a batch-size sweep, over seeds.
 
 Every run starts from the same coarse-caption pre-trained CLIP (the demo's, cached in --out) and gets
-the same data, steps, batch, schedule and backbone learning rate (the demo's fine-tuning recipe);
+the same data, steps, batch, schedule and backbone learning rate (the demo's fine-tuning recipe,
+e2_adapter/recipes/fashionsynth_finetune.json; the variants are fashionsynth_variants.json there);
 runs differ only in the method/ablation. Prints mean ± std per cell (markdown) and writes JSON.
 
     python benchmarks/fashionsynth.py --out runs/bench --seeds 0 1 2 --steps 600
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from e2_adapter.config import DEFAULT_ENTITIES
 from e2_adapter.data import FashionGenH5
-from e2_adapter.experiments import Setting, add_setting_flags, base_model, finetune_config, prepare, setting_from_args
+from e2_adapter.experiments import (Setting, add_setting_flags, base_model, default_batch, finetune_config,
+                                    finetune_variants, prepare, setting_from_args)
 from e2_adapter.evaluation.embed import CatalogueEmbeddings, embed_catalogue, evaluate
 from e2_adapter.evaluation.linear_probe import probe_entities
 from e2_adapter.evaluation.report import mean_std_table, save_json
@@ -32,32 +33,19 @@ from e2_adapter.training.trainer import Trainer
 from e2_adapter.visualize import selection_hit_rate
 from e2_adapter.wrap import is_wrapped
 
-ENTITIES = DEFAULT_ENTITIES
 SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
 HIT_IMAGES = 200
-DEFAULT_BATCH = 64  # the demo's; runs at other sizes are named "variant (batch N)"
+DEFAULT_BATCH = default_batch()  # the recipe's (the demo's); runs at other sizes are named "variant (batch N)"
 
-# name -> (method, TrainConfig overrides). "e2" and its ablations are the paper's (faithful) layout,
-# named explicitly since the library's default preset is "gated".
-FAITHFUL = {"preset": "faithful"}
-VARIANTS = {
-    "clip-ft": ("clip-ft", {}),
-    "e2": ("e2", FAITHFUL),
-    "e2-gated": ("e2", {"preset": "gated"}),
-    "e2-paper-weights": ("e2", {**FAITHFUL, "global_weight": 0.5, "region_weight": 0.5}),
-    "e2-no-fusion": ("e2", {**FAITHFUL, "fusion_after": ()}),
-    "e2-no-region-loss": ("e2", {**FAITHFUL, "region_weight": 0.0}),
-    "e2-lean": ("e2", {"preset": "lean"}),
-    "e2-region-1": ("e2", {**FAITHFUL, "region_weight": 1.0}),
-    "clip-ft-tags": ("clip-ft-tags", {}),  # tag losses on CLS: the extra supervision without E2's tokens
-    **{f"e2-without-{e}": ("e2", {**FAITHFUL, "entities": tuple(x for x in ENTITIES if x != e)}) for e in ENTITIES},
-}
+# name -> TrainConfig overrides of the fine-tuning recipe (method, adapter preset, loss weights), in run
+# order; the values live in e2_adapter/recipes/fashionsynth_variants.json.
+VARIANTS = finetune_variants()
 
 
 def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, data: tuple[Path, Path], base: Path,
             out: Path) -> dict:
-    method, overrides = VARIANTS[variant]
-    cfg = finetune_config(method, steps, seed, batch).updated(**overrides)  # adapter fields go to its section
+    overrides = dict(VARIANTS[variant])
+    cfg = finetune_config(overrides.pop("method"), steps, seed, batch, **overrides)
     bundle = base_model(setting, base)
     train, val = FashionGenH5(data[0]), FashionGenH5(data[1])
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,

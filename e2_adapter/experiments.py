@@ -115,9 +115,33 @@ def base_model(setting: Setting, base: Path):
     return bundle
 
 
-def finetune_config(method: str, steps: int, seed: int, batch_size: int) -> TrainConfig:
-    """Every method: the same steps, batch, schedule and backbone learning rate (no frozen stage)."""
-    return TrainConfig(method=method, stage1_steps=0, stage2_steps=steps, stage2_lr=3e-4, adapter_lr=1e-3,
-                       global_weight=1.0, region_weight=0.25, tau_start=4.0, tau_end=0.5,
-                       batch_size=batch_size, warmup_steps=max(steps // 20, 1), eval_every=max(steps // 4, 1),
-                       seed=seed, log_every=max(steps // 20, 1))
+# The benchmark recipes, as data (TrainConfig JSON read by ``TrainConfig.from_file``), shipped with the package.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+FINETUNE_RECIPE = RECIPES / "fashionsynth_finetune.json"
+VARIANTS_RECIPE = RECIPES / "fashionsynth_variants.json"
+
+
+def schedule_for(steps: int) -> dict:
+    """The fields that follow the run's length: 5% warm-up, 4 validations, 20 log lines."""
+    return {"stage2_steps": steps, "warmup_steps": max(steps // 20, 1), "eval_every": max(steps // 4, 1),
+            "log_every": max(steps // 20, 1)}
+
+
+def finetune_config(method: str, steps: int, seed: int, batch_size: int, **overrides) -> TrainConfig:
+    """Every method: the same steps, batch, schedule and backbone learning rate (no frozen stage);
+    the values are ``recipes/fashionsynth_finetune.json``. ``overrides``: TrainConfig fields, the
+    adapter's as ``adapter={...}`` (merged into the recipe's section), e.g. a benchmark variant."""
+    return TrainConfig.from_file(FINETUNE_RECIPE, **{"method": method, **overrides, **schedule_for(steps),
+                                                    "seed": seed, "batch_size": batch_size})
+
+
+def finetune_variants() -> dict[str, dict]:
+    """The benchmark's variants, in run order: name -> TrainConfig overrides of the fine-tuning recipe
+    (``recipes/fashionsynth_variants.json``; each names its method and, for E2, its adapter preset,
+    since the library's default preset is "gated" and "e2" is the paper's faithful layout)."""
+    return json.loads(VARIANTS_RECIPE.read_text())
+
+
+def default_batch() -> int:
+    """The fine-tuning recipe's batch (the demo's and the benchmark's unless a run names another)."""
+    return json.loads(FINETUNE_RECIPE.read_text())["batch_size"]

@@ -2,16 +2,25 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-FAMILIES = ("open_clip", "openai", "hf")
+# Plain helpers live in helpers.py; re-exported here for the test files that still write
+# ``from conftest import ...`` (test_capdec, test_decap, test_captioning, test_interop).
+from helpers import (FAMILIES, WrongWidth, assert_swap_touches_no_weights, load_benchmark,  # noqa: F401,E402
+                     make_tiny, random_images)
 
 
-def make_tiny(family: str, seed: int = 0):
-    from e2_adapter.zoo import create_clip
-    return create_clip(family, "tiny", seed=seed).model.eval()
+@pytest.fixture(name="make_tiny", scope="session")
+def make_tiny_fixture():
+    """``make_tiny(family, seed=0)``: a random-init tiny CLIP of that family, in eval mode."""
+    return make_tiny
+
+
+@pytest.fixture(name="load_benchmark", scope="session")
+def load_benchmark_fixture():
+    """``load_benchmark(name)``: benchmarks/<name>.py imported as a module."""
+    return load_benchmark
 
 
 @pytest.fixture(params=FAMILIES)
@@ -25,6 +34,21 @@ def images():
     return torch.randn(3, 3, 32, 32)
 
 
+@pytest.fixture(scope="session")
+def fashionsynth(tmp_path_factory):
+    """``fashionsynth(**spec)``: the (train, val) h5 paths of write_fashionsynth(**spec), written once
+    per session for each spec (files that ask for the same small data share it; read it, never write)."""
+    from e2_adapter.data import write_fashionsynth
+    written = {}
+
+    def build(**spec):
+        key = tuple(sorted(spec.items()))
+        if key not in written:
+            written[key] = write_fashionsynth(tmp_path_factory.mktemp("fashionsynth"), **spec)
+        return written[key]
+    return build
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
@@ -32,53 +56,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def random_images(clip, n=3, seed=0):
-    """Random pixels of a ClipBundle's input size."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, clip.image_size, clip.image_size, generator=g)
-
-
-class WrongWidth(nn.Module):
-    """A CLIP-like encoder whose joint space is 32-d."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(3, 32)
-
-    def encode_image(self, x):
-        return self.proj(x.mean(dim=(2, 3)))
-
-    def encode_text(self, tokens):
-        return self.proj(torch.ones(len(tokens), 3))
-
-
-def load_benchmark(name: str):
-    """Import benchmarks/<name>.py (a script folder, not a package) as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_swap_touches_no_weights(decoder: nn.Module, caption, encoders, images) -> None:
-    """Captioning ``images`` with each encoder in turn (``caption(encoder, images)``) changes neither the
-    decoder's state (a memory bank included) nor any encoder's: swapping is the encoder argument only."""
-    def snapshot(m):
-        return {k: v.clone() for k, v in m.state_dict().items()}
-    saved_decoder, saved_encoders = snapshot(decoder), [snapshot(m) for m in encoders]
-    for encoder in encoders:
-        caption(encoder, images)
-    for k, v in decoder.state_dict().items():
-        assert torch.equal(v, saved_decoder[k]), k
-    for m, saved in zip(encoders, saved_encoders):
-        assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())
 
 
 @pytest.fixture

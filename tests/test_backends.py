@@ -40,6 +40,8 @@ def test_backend_describes_its_family(family):
     with torch.no_grad():
         maps = backend.cls_attention(images)
     assert maps.shape == (2, 16) and (maps >= 0).all() and (maps.sum(-1) <= 1 + 1e-5).all()
+    # the map is the image's (exact values per family: test_visualize and the hf test below)
+    assert not torch.allclose(maps[0], maps[1])
 
 
 def test_hf_attention_maps_are_the_last_layers_cls_row():

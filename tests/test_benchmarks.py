@@ -3,11 +3,14 @@ import json
 
 import pytest
 
-from conftest import load_benchmark
 
 
-def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thread):
+def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thread, monkeypatch, load_benchmark):
     bench = load_benchmark("fashionsynth")
+    measured = []  # what selection_hit_rate returned for the trained model: the row must report it
+    real_hit_rate = bench.selection_hit_rate
+    monkeypatch.setattr(bench, "selection_hit_rate", lambda *a, **k: measured.append(real_hit_rate(*a, **k))
+                        or measured[-1])
     common = ["--products", "70", "--val-products", "20", "--steps", "2", "--pretrain-steps", "2", "--seeds", "0"]
     bench.main(["--out", str(tmp_path / "a"), "--variants", "clip-ft", "e2-without-season", *common])
     bench.main(["--out", str(tmp_path / "b"), "--variants", "clip-ft", "--batch-sizes", "16", *common])
@@ -17,7 +20,12 @@ def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thre
     diagnostics = report.split("Selection diagnostics")[1].split("during training")[0]
     assert "hit brand f0" in diagnostics and "hit season" not in diagnostics and "clip-ft" not in diagnostics
     rows = json.loads((tmp_path / "a" / "results.json").read_text())["runs"]
-    assert 0 <= rows["e2-without-season"][0]["hit brand f1"] <= 100
+    (rates,) = measured  # one wrapped run
+    row = rows["e2-without-season"][0]
+    assert row["hit brand f0"] == pytest.approx(100 * rates["brand"][0])
+    assert row["hit brand f1"] == pytest.approx(100 * rates["brand"][1])
+    assert row["hit brand chance"] == pytest.approx(100 * rates["brand"]["chance"])
+    assert 0 < row["hit brand chance"] < 100  # the logo covers some patches, not all
 
     bench.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
     merged = json.loads((tmp_path / "m" / "results.json").read_text())["runs"]
@@ -25,19 +33,23 @@ def test_fashionsynth_reports_variants_diagnostics_and_merges(tmp_path, one_thre
     assert "| clip-ft (batch 16) | " in (tmp_path / "m" / "results.md").read_text().split("during training")[1]
 
 
-def test_entity_ceiling_reports_accuracy_and_chance(tmp_path, one_thread, capsys):
+def test_entity_ceiling_reports_accuracy_and_chance(tmp_path, one_thread, capsys, load_benchmark):
     bench = load_benchmark("entity_ceiling")
     base_out = tmp_path / "bench"
     bench.main(["--out", str(base_out), "--entities", "season", "--steps", "2", "--pretrain-steps", "2"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["entity"] == "season" and abs(row["chance"] - 100 / 6) < 1e-6
-    assert 0 <= row["val_accuracy"] <= 100
+    # an accuracy over the validation products: a whole number of them right
+    n_val = json.loads((base_out / "setting.json").read_text())["data"]["val_products"]
+    right = row["val_accuracy"] * n_val / 100
+    assert right == pytest.approx(round(right), abs=1e-3)  # (a float32 mean)
     bench.main(["--table", str(base_out)])  # the calibration table reads what the run kept on disk
     table_row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert table_row.startswith("| bench | demo | 2000 | 24 / 6 | 1, 1 | - | ") and "(chance 16.7)" in table_row
+    assert table_row.startswith("| bench | demo | 2000 | 24 / 6 | 1, 1 | - | "
+                                f"{row['val_accuracy']:.1f} (chance 16.7) |")
 
 
-def test_step_time_compares_against_clip_ft_in_the_same_run(tmp_path, one_thread, capsys):
+def test_step_time_compares_against_clip_ft_in_the_same_run(tmp_path, one_thread, capsys, load_benchmark):
     bench = load_benchmark("step_time")
     bench.main(["--model", "tiny", "--batch", "4", "--repeats", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -45,7 +57,7 @@ def test_step_time_compares_against_clip_ft_in_the_same_run(tmp_path, one_thread
     assert out.count("| clip-ft | ") == 1  # the baseline once, even when it is also asked for
 
 
-def test_composed_retrieval_aggregates_runs_as_mean_and_std(tmp_path, capsys):
+def test_composed_retrieval_aggregates_runs_as_mean_and_std(tmp_path, capsys, load_benchmark):
     bench = load_benchmark("composed_retrieval")
 
     def run(r10):
@@ -62,7 +74,7 @@ def test_composed_retrieval_aggregates_runs_as_mean_and_std(tmp_path, capsys):
     assert "| brand | 50.0 ± 14.1 | 100.0 ± 0.0 | 50.0 ± 14.1 | 100.0 ± 0.0 |" in out
 
 
-def test_fashionsynth_resumes_finished_runs_and_refuses_another_setting(tmp_path, one_thread, capsys):
+def test_fashionsynth_resumes_finished_runs_and_refuses_another_setting(tmp_path, one_thread, capsys, load_benchmark):
     bench = load_benchmark("fashionsynth")
     common = ["--out", str(tmp_path), "--products", "70", "--val-products", "12", "--steps", "2",
               "--pretrain-steps", "1", "--variants", "clip-ft"]

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_benchmark
 from e2_adapter.evaluation import retrieval
 from e2_adapter.evaluation.retrieval import first_positive_rank, image_full, product_full
 
@@ -82,11 +81,18 @@ def test_faiss_agrees_with_the_exact_path(protocol):
     assert 5 < exact["t2i_R1"] < 95
 
 
-def test_eval_scale_measures_and_tabulates():
+def test_eval_scale_measures_and_tabulates(load_benchmark):
     bench = load_benchmark("eval_scale")
     rows = [bench.measure(n, "product-full", "exact", dim=8, threads=1) for n in (40, 80)]
     rows.append(bench.measure(80, "image-full", "exact", dim=8, threads=1))
-    assert all(r["seconds"] > 0 and r["peak_mb"] >= r["inputs_mb"] > 0 for r in rows)
+    # Timings and memory have no exact value. (peak >= inputs only holds in the fresh child process the
+    # benchmark runs each size in: here ru_maxrss can lag the current RSS, and the import dominates both.)
+    assert all(r["seconds"] > 0 and r["inputs_mb"] > 0 for r in rows)
+    # The recalls it reports are the protocol's on its data: texts that are exact copies of their images
+    # rank every match first (SumR 600); noisy copies do not.
+    exact = bench.measure(40, "product-full", "exact", dim=8, threads=1, noise=0.0)
+    assert exact["SumR"] == pytest.approx(600.0) and exact["t2i_R1"] == pytest.approx(100.0)
+    assert rows[0]["SumR"] < 500
     table = bench.growth_table(rows)
     assert "| product-full | exact | 80 |" in table and "for x2.0 N" in table
     assert table.count("\n") == 4  # header, rule, three rows

@@ -4,7 +4,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import e2_adapter
-from conftest import make_tiny
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_fc", "c_proj"])
 
@@ -29,7 +28,7 @@ def lora_weights(model):
 
 
 @pytest.mark.parametrize("order", ["lora_then_e2", "e2_then_lora"])
-def test_lora_and_e2_train_together(order, images):
+def test_lora_and_e2_train_together(order, images, make_tiny):
     model = make_tiny("open_clip").train()
     if order == "lora_then_e2":
         model = e2_adapter.wrap(get_peft_model(model, LoraConfig(**LORA)))
@@ -46,7 +45,7 @@ def test_lora_and_e2_train_together(order, images):
 
 
 @pytest.mark.parametrize("target", ["key", "query", "value"])
-def test_lora_on_a_fusion_projection_is_not_bypassed(target, images):
+def test_lora_on_a_fusion_projection_is_not_bypassed(target, images, make_tiny):
     """The fusion block folds q.k^T through key.weight for speed; a LoRA layer on ``key`` (or on the
     query / value projections) must still change what the model computes, not be silently skipped."""
     model = e2_adapter.wrap(make_tiny("open_clip"), preset="faithful").eval()
@@ -68,7 +67,7 @@ def test_lora_on_a_fusion_projection_is_not_bypassed(target, images):
     assert changed, f"a LoRA on the fusion {target} did not change the output"
 
 
-def test_hook_on_the_fusion_key_is_honoured(images):
+def test_hook_on_the_fusion_key_is_honoured(images, make_tiny):
     model = e2_adapter.wrap(make_tiny("open_clip"), preset="faithful").eval()
     key = e2_adapter.get_adapter(model).fusions[0].key
     with torch.no_grad():

@@ -17,7 +17,7 @@ from PIL import Image
 
 import e2_adapter
 from e2_adapter import cli
-from e2_adapter.data import AmazonFashion, DataFormatError, FashionGenH5, ManifestCatalogue, write_fashionsynth
+from e2_adapter.data import AmazonFashion, DataFormatError, FashionGenH5, ManifestCatalogue
 from e2_adapter.io import (FORWARD_FIELDS, NOT_FORWARD_FIELDS, WEIGHTS_NAME, AdapterFileError, AdapterMismatchError,
                            BaseModelMismatchWarning, load_adapter, save_adapter)
 from e2_adapter.training.checkpoint import (UnsafeCheckpointError, load_checkpoint, rng_state, set_rng_state)
@@ -30,15 +30,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    return write_fashionsynth(out, products=64, val_products=16, seed=0, image_size=32)
+def synth(fashionsynth):
+    return fashionsynth(products=64, val_products=16, seed=0, image_size=32)
 
 
 @pytest.fixture(scope="module")
-def synth40(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth40")
-    return write_fashionsynth(out, products=40, val_products=8, seed=1, image_size=32)
+def synth40(fashionsynth):
+    return fashionsynth(products=40, val_products=8, seed=1, image_size=32)
 
 
 @pytest.fixture(scope="module")

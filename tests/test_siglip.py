@@ -53,12 +53,6 @@ def _one_thread(one_thread):
     pass
 
 
-@pytest.fixture
-def images():
-    torch.manual_seed(123)
-    return torch.randn(3, 3, 32, 32)
-
-
 def build(name):
     return MODELS[name][0]()
 
@@ -215,8 +209,7 @@ def test_hf_siglip_without_a_head_is_refused():
 
 # --- the loss follows the model -------------------------------------------------------------------
 
-def test_loss_family_is_read_from_the_model():
-    from conftest import make_tiny
+def test_loss_family_is_read_from_the_model(make_tiny):
     assert e2_adapter.get_backend(build("open_clip_siglip")).loss_family == "sigmoid"
     assert e2_adapter.get_backend(build("hf_siglip")).loss_family == "sigmoid"
     assert e2_adapter.get_backend(build("timm_token")).loss_family == "softmax"

@@ -1,4 +1,5 @@
 """The trainer on a tiny FashionSynth: both methods learn, resume is exact, errors are clear."""
+import copy
 import json
 import os
 import subprocess
@@ -8,17 +9,15 @@ import pytest
 import torch
 
 import e2_adapter
-from e2_adapter.data import FashionGenH5, write_fashionsynth
+from e2_adapter.data import FashionGenH5
 from e2_adapter.training.config import TrainConfig
 from e2_adapter.training.trainer import Trainer, TrainingDiverged
 from e2_adapter.zoo import create_clip
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    train, val = write_fashionsynth(out, products=64, val_products=24, seed=0, image_size=32)
-    return train, val
+def synth(fashionsynth):
+    return fashionsynth(products=64, val_products=24, seed=0, image_size=32)
 
 
 def make_trainer(synth, out, with_val=False, **overrides):
@@ -45,7 +44,8 @@ def test_a_few_steps_reduce_the_loss(synth, tmp_path, method):
     trainer = make_trainer(synth, tmp_path, method=method, stage2_steps=8)
     before = fixed_batch_loss(trainer)
     trainer.fit()
-    assert fixed_batch_loss(trainer) < before
+    # 8 steps at lr 1e-3 on the 64 products lower a fixed batch's loss by 2% (clip-ft) to 12% (e2)
+    assert fixed_batch_loss(trainer) < 0.99 * before
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert log and "loss" in log[0] and "images_per_s" in log[0]
 
@@ -83,9 +83,18 @@ def test_kill_and_resume_equals_uninterrupted(synth, tmp_path, crash_trainer_at)
 def test_validation_keeps_best_and_saves_adapter(synth, tmp_path):
     trainer = make_trainer(synth, tmp_path, with_val=True, eval_every=3, eval_protocol="sample-100")
     state = trainer.fit()
-    assert state.history and state.best_step > 0
-    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "best" / "e2_model.json").is_file()
-    assert (tmp_path / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    best = max(state.history, key=lambda row: row["SumR"])
+    assert len(state.history) >= 2 and (state.best_step, state.best_sumr) == (best["step"], best["SumR"])
+    # best/ holds the model of that validation: reloaded, it scores what the trainer recorded
+    from e2_adapter.evaluation.embed import evaluate
+    loaded = e2_adapter.from_pretrained(tmp_path / "best")
+    again = evaluate(loaded.model, trainer.val_data, trainer.transform, trainer.tokenizer, ("sample-100",))
+    assert again["sample-100"]["SumR"] == pytest.approx(state.best_sumr, abs=1e-6)
+    # and best/adapter alone puts the same E2 weights on a bare copy of the base
+    bare = e2_adapter.unwrap(copy.deepcopy(loaded.model))
+    adapter = e2_adapter.get_adapter(e2_adapter.load_adapter(bare, tmp_path / "best" / "adapter")).state_dict()
+    for k, v in e2_adapter.get_adapter(loaded.model).state_dict().items():
+        assert torch.equal(adapter[k], v), k
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(synth, tmp_path, nan_loss_at):

@@ -9,27 +9,16 @@ from PIL import Image
 
 import e2_adapter
 from e2_adapter import visualize as V
-from e2_adapter.zoo import create_clip
 
 GRID = 4
 
 
-def tiny(family="open_clip", seed=0):
-    return create_clip(family, "tiny", seed=seed).model.eval()
-
-
 @pytest.fixture(scope="module")
-def pair():
+def pair(make_tiny):
     """(wrapped tiny open_clip, an unwrapped copy of the same weights)."""
-    model = tiny()
+    model = make_tiny("open_clip")
     base = copy.deepcopy(model)
     return e2_adapter.wrap(model), base
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(123)
-    return torch.randn(3, 3, 32, 32)
 
 
 def test_maps_shapes_and_counts(pair, images):
@@ -75,9 +64,9 @@ def test_maps_from_selections_hand_case():
         V.maps_from_selections(sel + 16, ("brand", "season"), 2, GRID)
 
 
-def test_selection_maps_needs_a_wrapped_model(images):
+def test_selection_maps_needs_a_wrapped_model(images, make_tiny):
     with pytest.raises(e2_adapter.NotWrappedError):
-        V.selection_maps(tiny(), images)
+        V.selection_maps(make_tiny("open_clip"), images)
 
 
 def test_draw_sizes_and_inputs(pair, images):
@@ -112,11 +101,16 @@ def test_figure_written(pair, images, tmp_path):
     model, base = pair
     path = V.save_selection_figure(model, images[:2], tmp_path / "figs" / "sel.png", baseline=base,
                                    per_fusion=True, titles=["a", "b"])
-    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entities = e2_adapter.get_adapter(model).config.entities
+    palette = V.entity_colours(entities)
     with Image.open(path) as im:
-        assert im.width > im.height / 2 > 0  # 3 columns, 2 rows
+        # 3-inch cells at 100 dpi: 2 fusion columns + the baseline's, 2 rows + the legend strip
+        assert im.format == "PNG" and im.size == (900, 660)
+        shown = set(im.convert("RGB").getdata())
+    assert all(tuple(palette[e]) in shown for e in entities)  # every entity's colour is drawn
     path = V.save_selection_figure(model, images[:1], tmp_path / "plain.png")
-    assert path.is_file()
+    with Image.open(path) as im:
+        assert im.size == (300, 360)  # one column (all fusion blocks), no baseline, one row
 
 
 def _fake_selections(monkeypatch, selections):
@@ -173,8 +167,8 @@ def test_patch_box_overlap_rectangular_frame():
 
 
 @pytest.mark.parametrize("family", ["open_clip", "openai"])
-def test_baseline_attention(family, images):
-    model = tiny(family)
+def test_baseline_attention(family, images, make_tiny):
+    model = make_tiny(family)
     heat = V.cls_attention(model, images)
     assert heat.shape == (len(images), GRID, GRID)
     assert (heat >= 0).all() and (heat.sum(axis=(1, 2)) <= 1 + 1e-5).all()
