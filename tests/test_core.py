@@ -333,7 +333,7 @@ def test_presets_fill_the_layout_and_contradictions_are_errors():
                                "version": 1}).preset == "lean"
 
 
-def test_meta_model_wraps_on_meta_and_takes_real_weights_by_assign(family, images):
+def test_meta_model_wraps_on_meta_and_takes_real_weights_by_assign(family, images, make_tiny):
     # big-model loading: build and wrap without memory, then assign the trained weights, E2's included
     trained = e2_adapter.wrap(make_tiny(family), preset="faithful")
     from e2_adapter.zoo import create_clip
