@@ -4,7 +4,7 @@
    layout: reference + "is red instead of black" -> target, one category per edited attribute.
 2. CIReVL (training-free): oracle caption of the reference -> rule rewrite -> text-to-image search.
 3. Pic2Word (trained on images only): a mapping network turns the reference image into a pseudo
-   word, injected into "a photo of $ that {modification}".
+   word, injected into Pic2Word's query "a photo of * , {modification}".
 
 With the default random tiny CLIP the numbers sit at chance (R@10 ~ 10 / gallery size %); pass a
 real encoder (e.g. --family open_clip --model ViT-B-32 --pretrained openai, or --checkpoint
@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from integrations.cir import (FashionIQ, MapperConfig, build_synthetic_cir, embed_catalogue, evaluate_cirevl,
+from integrations.cir import (FashionIQ, MapperConfig, build_synthetic_cir, embed_product_images, evaluate_cirevl,
                               evaluate_pic2word, load_captions, markdown_table, rewriter_for, token_width,
                               train_mapper)
 from integrations.cir.cli import add_encoder_flags, load_encoder
@@ -52,7 +52,7 @@ def main(argv=None):
         print(f"  [{row['category']}] {row['caption']!r} + {row['modification']!r}\n      -> {row['description']!r}")
 
     # 3. Pic2Word: train phi on the training catalogue's images, towers frozen
-    embeddings = embed_catalogue(bundle.model, bundle.preprocess, FashionGenH5(train_h5), cache_dir=out / "cache")
+    embeddings = embed_product_images(bundle.model, bundle.preprocess, FashionGenH5(train_h5), cache_dir=out / "cache")
     config = MapperConfig(input_dim=embeddings.shape[1], output_dim=token_width(bundle.model), hidden_dim=512)
     mapper, losses = train_mapper(bundle.model, bundle.tokenizer, embeddings, config, steps=args.mapper_steps,
                                   batch_size=64, lr=1e-4, seed=args.seed)
