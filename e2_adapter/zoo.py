@@ -30,6 +30,11 @@ TINY_CONFIGS: dict[str, dict] = {
                  vision_heads=3, context_length=48, text_width=64, text_layers=2, text_heads=2),
     "small": dict(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=6,
                   vision_heads=4, context_length=64, text_width=128, text_layers=4, text_heads=4),
+    # SigLIP's layout (no class token, attention-pooling head, no projection, sigmoid loss) at tiny's size:
+    # open_clip builds it as a timm tower (ViT-B-16-SigLIP's), hf as a transformers SiglipModel.
+    "tiny-siglip": dict(embed_dim=64, image_size=32, patch_size=8, vision_width=64, vision_layers=6,
+                        vision_heads=2, context_length=32, text_width=64, text_layers=1, text_heads=2,
+                        tower="siglip"),
 }
 VOCAB_SIZE = CLIP_VOCAB_SIZE
 

@@ -287,3 +287,27 @@ def test_hf_siglip_save_pretrained_round_trip(images, tmp_path):
     bundle = e2_adapter.from_pretrained(tmp_path / "m")
     assert type(bundle.model).__name__ == "SiglipModel" and e2_adapter.is_wrapped(bundle.model)
     assert torch.equal(encode(bundle.model, images), encode(model, images))
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf"])
+def test_tiny_siglip_trains_end_to_end_from_the_cli_with_lora(family, fashionsynth, tmp_path):
+    # the zoo's tiny-siglip (a timm tower for open_clip, a SiglipModel for hf), trained by the CLI with
+    # LoRA on the vision blocks, then reloaded in one line: same weights, sigmoid loss, trained adapter
+    from e2_adapter.cli import main
+    from e2_adapter.zoo import create_clip
+    train, _ = fashionsynth(products=32, val_products=8, seed=0, image_size=32)
+    out = tmp_path / "run"
+    assert main(["train", "--family", family, "--model", "tiny-siglip", "--train", str(train), "--out", str(out),
+                 "--batch-size", "8", "--stage1-steps", "1", "--stage2-steps", "2", "--warmup-steps", "1",
+                 "--lora-rank", "2", "--seed", "0"]) in (0, None)
+    loaded = e2_adapter.from_pretrained(out / "best")
+    backend = e2_adapter.get_backend(loaded.model)
+    assert backend.family == MODELS[f"{family}_siglip" if family == "hf" else "open_clip_siglip"][1]
+    assert backend.loss_family == "sigmoid" and not any("lora_" in n for n, _ in loaded.model.named_parameters())
+    fresh = e2_adapter.wrap(create_clip(family, "tiny-siglip", seed=0).model)
+    trained, start = loaded.model.state_dict(), fresh.state_dict()
+    assert trained.keys() == start.keys()
+    vision_moved = [k for k in trained if "visual" in k or "vision" in k]
+    # stage 2's LoRA (merged on save) moved the tower's MLPs; stage 1 moved E2's tokens
+    assert any(not torch.equal(trained[k], start[k]) for k in vision_moved if "fc" in k and ".e2." not in k)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if k.endswith("e2.tokens"))

@@ -203,8 +203,18 @@ class VisionBackend(ABC):
     @classmethod
     def build_tiny(cls, cfg: dict) -> nn.Module:
         """A randomly initialised model of this family from a ``zoo.TINY_CONFIGS`` entry (keys
-        embed_dim, image_size, patch_size, vision_width/layers/heads, context_length, text_width/layers/heads)."""
+        embed_dim, image_size, patch_size, vision_width/layers/heads, context_length, text_width/layers/heads;
+        ``tower``: "vit" when absent, or "siglip" for the families that build one)."""
         raise cls._missing("build_tiny (tiny random models)")
+
+    @classmethod
+    def tiny_tower(cls, cfg: dict, supported: tuple[str, ...] = ("vit",)) -> str:
+        """The tiny config's tower layout, refused with a clear error when this family cannot build it."""
+        tower = cfg.get("tower", "vit")
+        if tower not in supported:
+            raise ValueError(f"the {cls.family} family cannot build a tiny {tower!r} tower (it builds "
+                             f"{', '.join(supported)}); use a family that has one, e.g. --family open_clip")
+        return tower
 
     @classmethod
     def load_pretrained(cls, name: str, pretrained: str | None, device: str | torch.device = "cpu") -> Loaded:

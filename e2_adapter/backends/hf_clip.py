@@ -143,6 +143,10 @@ class HFClipBackend(HFEncoderSteps, VisionBackend):
     @classmethod
     def build_tiny(cls, cfg):
         from transformers import CLIPConfig, CLIPModel
+        if cls.tiny_tower(cfg, ("vit", "siglip")) == "siglip":  # transformers' SiglipModel
+            from .hf_siglip import tiny_model
+            return tiny_model(width=cfg["vision_width"], layers=cfg["vision_layers"], image_size=cfg["image_size"],
+                              patch_size=cfg["patch_size"], context_length=cfg["context_length"], seed=None)
         config = CLIPConfig(
             projection_dim=cfg["embed_dim"],
             text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=cfg["text_width"],

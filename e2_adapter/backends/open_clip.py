@@ -52,6 +52,11 @@ class OpenClipBackend(ConvViTBackend):
     @classmethod
     def build_tiny(cls, cfg):
         import open_clip
+        if cls.tiny_tower(cfg, ("vit", "siglip")) == "siglip":  # open_clip builds SigLIP as a timm tower
+            from .open_clip_timm import tiny_model
+            return tiny_model(embed_dim=cfg["vision_width"], width=cfg["vision_width"], depth=cfg["vision_layers"],
+                              image_size=cfg["image_size"], patch_size=cfg["patch_size"],
+                              context_length=cfg["context_length"], seed=None)
         return open_clip.CLIP(
             embed_dim=cfg["embed_dim"],
             vision_cfg=dict(image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["vision_width"],

@@ -74,6 +74,7 @@ class OpenAIClipBackend(ConvViTBackend):
     @classmethod
     def build_tiny(cls, cfg):
         from clip.model import CLIP
+        cls.tiny_tower(cfg)  # OpenAI's CLIP has no SigLIP
         return CLIP(embed_dim=cfg["embed_dim"], image_resolution=cfg["image_size"],
                     vision_layers=cfg["vision_layers"], vision_width=cfg["vision_width"],
                     vision_patch_size=cfg["patch_size"], context_length=cfg["context_length"],
