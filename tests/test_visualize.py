@@ -106,7 +106,7 @@ def test_figure_written(pair, images, tmp_path):
     with Image.open(path) as im:
         # 3-inch cells at 100 dpi: 2 fusion columns + the baseline's, 2 rows + the legend strip
         assert im.format == "PNG" and im.size == (900, 660)
-        shown = set(im.convert("RGB").getdata())
+        shown = {colour for _, colour in im.convert("RGB").getcolors(1 << 24)}
     assert all(tuple(palette[e]) in shown for e in entities)  # every entity's colour is drawn
     path = V.save_selection_figure(model, images[:1], tmp_path / "plain.png")
     with Image.open(path) as im:

@@ -226,24 +226,37 @@ def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor
     if weight_decay is None:
         weight_decay = 0.1 if config.activation == "relu" else 0.01
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=weight_decay)
-    batch_size = min(batch_size, len(image_embeddings))
-    order, cursor, losses = torch.randperm(len(image_embeddings), generator=generator), 0, []
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        images = image_embeddings[index].to(device)
+        texts = encode_text_with_pseudo_tokens(model, prompt.expand(len(images), -1), mapper(images), placeholder_id)
+        return pic2word_loss(images, texts, scale)
+
     with frozen(model):
-        for step in range(steps):
-            if cursor + batch_size > len(order):  # a fresh epoch; the last partial batch is dropped
-                order, cursor = torch.randperm(len(image_embeddings), generator=generator), 0
-            images = image_embeddings[order[cursor:cursor + batch_size]].to(device)
-            cursor += batch_size
-            pseudo = mapper(images)
-            texts = encode_text_with_pseudo_tokens(model, prompt.expand(len(images), -1), pseudo, placeholder_id)
-            loss = pic2word_loss(images, texts, scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if log is not None:
-                log(step, losses[-1])
+        losses = fit_mapper(batch_loss, optimizer, len(image_embeddings), steps, batch_size, generator, log)
     return mapper.eval(), losses
+
+
+def fit_mapper(batch_loss: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, n: int,
+               steps: int, batch_size: int, generator: torch.Generator,
+               log: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """The mapping network's loop (Pic2Word's and SEARLE's): ``steps`` optimiser steps on
+    ``batch_loss(indices)`` over shuffled epochs of the ``n`` items, the last partial batch dropped.
+    Returns the loss of every step."""
+    batch_size = min(batch_size, n)
+    order, cursor, losses = torch.randperm(n, generator=generator), 0, []
+    for step in range(steps):
+        if cursor + batch_size > n:  # a fresh epoch (drop_last)
+            order, cursor = torch.randperm(n, generator=generator), 0
+        loss = batch_loss(order[cursor:cursor + batch_size])
+        cursor += batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if log is not None:
+            log(step, losses[-1])
+    return losses
 
 
 def query_modification(captions: Sequence[str], caption_join: str) -> str:

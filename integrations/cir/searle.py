@@ -48,7 +48,7 @@ from torch import nn
 from e2_adapter.evaluation.embed import embed_texts
 from e2_adapter.torch_utils import model_device
 
-from .pic2word import MapperConfig, PseudoWordMapper, check_compatible, frozen
+from .pic2word import MapperConfig, PseudoWordMapper, check_compatible, fit_mapper, frozen
 from .text_injection import encode_text_with_pseudo_tokens, placeholder_token_id, token_width
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -257,26 +257,18 @@ def distill_mapper(model: nn.Module, tokenizer: Tokenizer, image_embeddings: tor
     torch.manual_seed(seed)  # dropout masks
     mapper.to(device).train()
     optimizer = torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=weight_decay)
-    batch_size = min(batch_size, len(image_embeddings))
-    order, cursor, losses = torch.randperm(len(image_embeddings), generator=generator), 0, []
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        predicted = mapper(image_embeddings[index].to(device))
+        target = oti_tokens[index].to(device).float()
+        loss = lambda_distance * F.mse_loss(predicted.float(), target)
+        loss = loss + lambda_contrastive * searle_contrastive_loss(target, predicted, temperature)
+        if regulariser is not None:
+            loss = loss + lambda_reg * regulariser(index.tolist(), predicted, placeholder_id)
+        return loss
+
     with frozen(model):
-        for step in range(steps):
-            if cursor + batch_size > len(order):  # a fresh epoch; the last partial batch is dropped (drop_last)
-                order, cursor = torch.randperm(len(image_embeddings), generator=generator), 0
-            index = order[cursor:cursor + batch_size]
-            cursor += batch_size
-            predicted = mapper(image_embeddings[index].to(device))
-            target = oti_tokens[index].to(device).float()
-            loss = lambda_distance * F.mse_loss(predicted.float(), target)
-            loss = loss + lambda_contrastive * searle_contrastive_loss(target, predicted, temperature)
-            if regulariser is not None:
-                loss = loss + lambda_reg * regulariser(index.tolist(), predicted, placeholder_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if log is not None:
-                log(step, losses[-1])
+        losses = fit_mapper(batch_loss, optimizer, len(image_embeddings), steps, batch_size, generator, log)
     return mapper.eval(), losses
 
 
