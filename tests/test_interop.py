@@ -299,3 +299,41 @@ def test_bf16_autocast_step_0_wrapped_equals_unwrapped_to_bf16_rounding(family, 
             a, b = encode(wrapped), encode(base)
     assert_close_relative(a, b, 2 ** -8, "bf16 autocast, wrapped vs unwrapped")
     assert_close_relative(b, fp32, 2e-2, "bf16 autocast vs fp32")  # the rounding the README states
+
+
+# Each pipeline's own entry point into the encoder: DeCap and CapDec embed through the captioning
+# encoders, CIReVL through its image / text functions, Pic2Word and SEARLE inject a pseudo-word
+# (clip_benchmark calls encode_image / encode_text, tested above and in test_clip_benchmark.py).
+def pipeline_outputs(model, images, tokenizer):
+    from integrations.captioning import encoders
+    from integrations.cir import cirevl, text_injection
+    texts = ["a red wool coat", "a black silk dress"]
+    prompt = tokenizer(["a photo of *"])
+    star = text_injection.placeholder_token_id(tokenizer, "*")
+    pseudo = torch.randn(1, text_injection.token_width(model), generator=torch.Generator().manual_seed(3)) * 0.02
+    with torch.no_grad():
+        return {
+            "captioning images (DeCap, CapDec)": encoders.embed_images(model, images),
+            "captioning texts (DeCap, CapDec)": encoders.embed_texts(model, tokenizer, texts),
+            "CIReVL images": cirevl.encode_image(model, images).float(),
+            "CIReVL texts": cirevl.encode_texts(model, tokenizer, texts),
+            "pseudo-word text (Pic2Word, SEARLE)": text_injection.encode_text_with_pseudo_tokens(
+                model, prompt, pseudo.to(e2_adapter.get_backend(model).parameter_dtype()), star).float(),
+        }
+
+
+@pytest.mark.parametrize("mode", ("openai-fp16-mixed", "data-parallel-replica"))
+def test_every_pipeline_entry_point_runs_a_low_precision_or_replicated_wrapped_model(mode, images, monkeypatch,
+                                                                                    one_thread):
+    from e2_adapter.zoo import bpe_tokenizer, tiny_config
+    tokenizer = bpe_tokenizer(tiny_config("tiny")["context_length"])
+    if mode == "openai-fp16-mixed":
+        reference, model, _, tol = wrapped_pair("openai-convert_weights-fp16", "faithful")
+        tol *= 4  # the text tower and the injected token run in fp16 too
+    else:
+        reference = e2_adapter.wrap(make_tiny("openai"), preset="faithful")
+        model, tol = replicate_on_cpu(reference, 2, monkeypatch)[1], 1e-5
+    expected, actual = pipeline_outputs(reference, images, tokenizer), pipeline_outputs(model, images, tokenizer)
+    for what, value in actual.items():
+        assert value.shape == expected[what].shape and torch.isfinite(value).all(), what
+        assert_close_relative(value, expected[what], tol, what)
