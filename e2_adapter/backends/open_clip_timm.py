@@ -41,7 +41,7 @@ class OpenClipTimmBackend(VisionBackend):
         name, trunk = describe(self.model), self.tower.trunk
         if not isinstance(trunk, VisionTransformer):
             kind = type(trunk).__name__
-            conv = any(k in kind.lower() for k in ("convnext", "resnet", "efficientnet", "regnet", "convnet"))
+            conv = any(k in kind.lower() for k in ("convnext", "resnet", "efficientnet", "regnet", "convnet", "fastvit"))
             reason = ("a convolutional trunk has no patch tokens for E2's selection tokens to sit among"
                       if conv else "only timm VisionTransformer trunks are supported (this one's blocks, "
                       "positions or token layout differ, e.g. Eva's rotary positions)")
