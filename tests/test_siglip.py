@@ -33,6 +33,12 @@ MODELS = {
     # ViTamin's layout: a convolutional stem in timm's HybridEmbed (no patch projection), average pooling
     "timm_hybrid_stem": (lambda: open_clip_timm.tiny_model(pool="avg", hybrid_stem=True, proj="linear",
                                                            sigmoid=False), "open_clip_timm", True),
+    # EVA02-B-16's layout: timm Eva trunk, rotary positions, class-token pool, the trunk head as projection
+    "timm_eva02": (lambda: open_clip_timm.tiny_model(pool="token", class_token=True, no_embed_class=False,
+                                                     proj="trunk", sigmoid=False, eva02=True), "open_clip_timm", False),
+    "timm_eva02_avg_registers": (lambda: open_clip_timm.tiny_model(pool="avg", class_token=True, reg_tokens=1,
+                                                                   proj="trunk", sigmoid=False, eva02=True),
+                                 "open_clip_timm", True),
     # CoCa's attention pool (coca_ViT-B-32's tower with output_tokens off); open_clip's WIP "parallel" /
     # "cascade" pools are in no model config and return [B, 1, D], so they are not tested here
     "open_clip_attn_pool": (lambda: _open_clip_vit(attentional_pool=True, attn_pooler_queries=4,
@@ -143,8 +149,9 @@ def test_pooling_towers_refuse_dropping_the_patches(name, preset):
     assert not e2_adapter.is_wrapped(model)
 
 
-def test_timm_class_token_tower_takes_the_faithful_layout(images):
-    model = e2_adapter.wrap(build("timm_token"), preset="faithful")
+@pytest.mark.parametrize("tower", ["timm_token", "timm_eva02"])
+def test_timm_class_token_tower_takes_the_faithful_layout(tower, images):
+    model = e2_adapter.wrap(build(tower), preset="faithful")
     out = e2_adapter.encode_image_regions(model, images)
     assert out.tokens.shape[1] == 1 + 8  # the last block saw CLS + tokens: patches dropped
     e2_adapter.unwrap(model)
@@ -153,8 +160,28 @@ def test_timm_class_token_tower_takes_the_faithful_layout(images):
         e2_adapter.wrap(build("open_clip_siglip"), token_init="cls")
 
 
-def test_timm_gradient_checkpointing_matches(images):
-    model = e2_adapter.wrap(build("open_clip_siglip")).train()
+def test_eva_rotary_patch_dropout_trains(images):
+    # timm drops patches inside Eva's _pos_embed and gathers each image's rotations: [B, 1, N', 2d]
+    from timm.layers import PatchDropoutWithIndices
+    model = build("timm_eva02")
+    model.visual.trunk.patch_drop = PatchDropoutWithIndices(0.5, num_prefix_tokens=1)
+    model = e2_adapter.wrap(model).train()
+    out = e2_adapter.encode_image_regions(model, images)
+    assert out.selections.max() < 8  # half of the 16 patches kept
+    out.image.sum().backward()
+    assert e2_adapter.get_adapter(model).tokens.grad is not None
+
+
+def test_eva_mixed_rotary_positions_are_refused():
+    model = build("timm_eva02")
+    model.visual.trunk.rope_mixed = True
+    with pytest.raises(e2_adapter.UnsupportedModelError, match="'mixed'.*rotary"):
+        e2_adapter.wrap(model)
+
+
+@pytest.mark.parametrize("tower", ["open_clip_siglip", "timm_eva02"])
+def test_timm_gradient_checkpointing_matches(tower, images):
+    model = e2_adapter.wrap(build(tower)).train()
     reference = copy.deepcopy(model)
     model.set_grad_checkpointing(True)
     for m in (model, reference):

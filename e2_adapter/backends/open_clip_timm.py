@@ -6,6 +6,12 @@ token or none, register tokens, ``no_embed_class``, ``global_pool`` token, avg o
 projection in ``TimmModel.head``). The steps are timm's own: ``patch_embed``, ``_pos_embed``,
 ``patch_drop``, ``norm_pre``, ``blocks``, ``norm``, ``pool`` / ``fc_norm``, then the projection
 (``trunk.head`` and ``TimmModel.head``). Convolutional trunks (ConvNeXt, ResNet, ...) are refused.
+
+timm ``Eva`` trunks (open_clip's EVA01 / EVA02 configs) are ViTs with the same steps; EVA02 adds
+rotary positions, applied inside attention to every token after the attention's own prefix. E2's
+selection tokens sit between the prefix and the patches, so the rotation table is padded with identity
+rows (sin 0, cos 1) for them: the patches keep their own rotations and the tokens get none, as the class
+token does. Once the patches are dropped no rotation is left to apply.
 """
 from __future__ import annotations
 
@@ -37,16 +43,19 @@ class OpenClipTimmBackend(VisionBackend):
         return type(model).__module__.startswith("open_clip") and _is_timm_tower(getattr(model, "visual", None))
 
     def check(self) -> None:
-        from timm.models.vision_transformer import VisionTransformer
         name, trunk = describe(self.model), self.tower.trunk
-        if not isinstance(trunk, VisionTransformer):
+        if not isinstance(trunk, _vit_trunk_classes()):
             kind = type(trunk).__name__
             conv = any(k in kind.lower() for k in ("convnext", "resnet", "efficientnet", "regnet", "convnet", "fastvit"))
             reason = ("a convolutional trunk has no patch tokens for E2's selection tokens to sit among"
-                      if conv else "only timm VisionTransformer trunks are supported (this one's blocks, "
-                      "positions or token layout differ, e.g. Eva's rotary positions)")
+                      if conv else "only timm VisionTransformer and Eva trunks are supported (this one's "
+                      "blocks, positions or token layout differ)")
             raise UnsupportedModelError(f"{name} has a timm {kind} image tower (open_clip TimmModel); E2 needs a "
-                                        f"timm VisionTransformer trunk: {reason}.")
+                                        f"timm VisionTransformer or Eva trunk: {reason}.")
+        if getattr(trunk, "rope_mixed", False):
+            raise UnsupportedModelError(
+                f"{name}'s timm Eva trunk uses depth-dependent ('mixed') rotary positions, which E2's backend "
+                "does not lay out; EVA01 / EVA02 (one rotation table for every block) are supported.")
         if trunk.attn_pool is None and trunk.global_pool not in ("token", "avg", "max", "avgmax"):
             raise UnsupportedModelError(
                 f"{name}'s timm trunk has global_pool={trunk.global_pool!r}: it returns every token, not a "
@@ -94,6 +103,9 @@ class OpenClipTimmBackend(VisionBackend):
     def embed(self, images, **kwargs):
         t = self.trunk
         x = t._pos_embed(t.patch_embed(images.to(self.compute_weight().dtype)))  # prefix tokens, positions
+        if isinstance(x, tuple):  # Eva: (tokens, rotary table), patch dropout already applied to both
+            x, self._rope = x
+            return x
         return t.patch_drop(x)  # keeps the prefix tokens, drops patches while training
 
     def pre_norm(self, x):
@@ -101,12 +113,30 @@ class OpenClipTimmBackend(VisionBackend):
 
     def run_blocks(self, x, start, end, attn_mask):
         trunk = self.trunk
+        kwargs = {} if attn_mask is None else {"attn_mask": attn_mask}
+        if getattr(self, "_rope", None) is not None:
+            kwargs["rope"] = self._rope_for(x.shape[1])
         for block in list(trunk.blocks)[start:end]:
             if getattr(trunk, "grad_checkpointing", False) and torch.is_grad_enabled():
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **kwargs)
             else:
-                x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+                x = block(x, **kwargs)
         return x
+
+    def _rope_for(self, length: int) -> torch.Tensor | None:
+        """Eva's rotary table ([N, 2d] sin|cos, or [B, 1, N, 2d] after patch dropout) for a sequence of
+        ``length``: identity rows for the E2 tokens in front of the patches, None when they were dropped."""
+        rope, patches = self._rope, self._rope.shape[-2]
+        inserted = self.tower.e2.tokens.shape[0]
+        if length == self.num_prefix_tokens + inserted:
+            return None  # [prefix, tokens] only: the patches are gone, nothing to rotate
+        if length != self.num_prefix_tokens + inserted + patches:
+            raise RuntimeError(f"{length} tokens do not match the Eva layout [prefix {self.num_prefix_tokens}, "
+                               f"E2 tokens {inserted}, patches {patches}]")
+        half = rope.shape[-1] // 2
+        identity = torch.cat([rope.new_zeros(*rope.shape[:-2], inserted, half),
+                              rope.new_ones(*rope.shape[:-2], inserted, half)], dim=-1)
+        return torch.cat([identity, rope], dim=-2)
 
     @property
     def final_norm(self):
@@ -149,15 +179,22 @@ class OpenClipTimmBackend(VisionBackend):
     encode_text = OpenClipBackend.encode_text
 
 
+def _vit_trunk_classes() -> tuple[type, ...]:
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer, Eva
+
+
 def tiny_model(pool: str = "map", class_token: bool = False, no_embed_class: bool = True, reg_tokens: int = 0,
                proj: str = "none", embed_dim: int = 64, width: int = 64, depth: int = 2, image_size: int = 32,
                patch_size: int = 8, sigmoid: bool = True, context_length: int = 16, seed: int | None = 0,
-               hybrid_stem: bool = False):
+               hybrid_stem: bool = False, eva02: bool = False):
     """A random open_clip ``CustomTextCLIP`` with a ``TimmModel`` tower shaped like ViT-B-16-SigLIP's
     (timm's ``vit_base_patch16_siglip_224`` entry point at a small width; defaults: no class token,
     positions on the patches only, a MAP head, no projection, a logit bias) or, with the arguments,
     another timm ViT layout. ``hybrid_stem``: ViTamin's patch embedding, convolutions feeding timm's
-    ``HybridEmbed`` with no projection of its own. For tests: nothing is downloaded."""
+    ``HybridEmbed`` with no projection of its own. ``eva02``: timm's ``eva02_base_patch16_clip_224`` trunk
+(EVA02-B-16's: rotary positions, SwiGLU) instead. For tests: nothing is downloaded."""
     import timm
     from open_clip.model import CustomTextCLIP
     from open_clip.timm_model import TimmModel
@@ -174,10 +211,12 @@ def tiny_model(pool: str = "map", class_token: bool = False, no_embed_class: boo
     tower = TimmModel.__new__(TimmModel)
     nn.Module.__init__(tower)
     tower.image_size = (image_size, image_size)
+    trunk_name, registers = ("eva02_base_patch16_clip_224", "num_reg_tokens") if eva02 else \
+        ("vit_base_patch16_siglip_224", "reg_tokens")
     tower.trunk = timm.create_model(
-        "vit_base_patch16_siglip_224", pretrained=False, img_size=image_size, patch_size=patch_size,
-        embed_dim=width, depth=depth, num_heads=2, class_token=class_token, no_embed_class=no_embed_class,
-        reg_tokens=reg_tokens, global_pool=pool, num_classes=0 if proj in ("none", "linear") else embed_dim)
+        trunk_name, pretrained=False, img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
+        num_heads=2, class_token=class_token, no_embed_class=no_embed_class, global_pool=pool,
+        num_classes=0 if proj in ("none", "linear") else embed_dim, **{registers: reg_tokens})
     if hybrid_stem:
         from timm.layers.hybrid_embed import HybridEmbed
         stem = nn.Sequential(nn.Conv2d(3, width // 2, 3, stride=2, padding=1), nn.GELU(),
