@@ -8,10 +8,13 @@ runs differ only in the method/ablation. Prints mean ± std per cell (markdown) 
     python benchmarks/fashionsynth.py --out runs/bench --seeds 0 1 2 --steps 600
     python benchmarks/fashionsynth.py --variants clip-ft e2 --batch-sizes 32 64     # batch sweep
     python benchmarks/fashionsynth.py --merge runs/bench-a runs/bench-b --out runs/bench  # join parallel runs
+    python benchmarks/fashionsynth.py --figures runs/bench-a runs/bench-b --out runs/figs [setting flags]
 
 For wrapped (E2) models it also measures where the selection tokens look: the share of each entity's
 picks per fusion block that land on the entity's drawn FashionSynth box, next to the chance level
-(``hit`` columns), and a linear probe on each entity's own region embedding (``region probe``).
+(``hit`` columns), and a linear probe on each entity's own region embedding (``region probe``), and
+draws the picks on the first validation products with the true brand / season boxes dashed
+(``selections.png`` in the run's folder; ``--figures`` draws them for earlier runs' ``best`` checkpoints).
 """
 from __future__ import annotations
 
@@ -30,11 +33,13 @@ from e2_adapter.evaluation.embed import CatalogueEmbeddings, embed_catalogue, ev
 from e2_adapter.evaluation.linear_probe import probe_entities
 from e2_adapter.evaluation.report import mean_std_table, save_json
 from e2_adapter.training.trainer import Trainer
-from e2_adapter.visualize import selection_hit_rate
+from e2_adapter.pretrained import from_pretrained
+from e2_adapter.visualize import save_selection_figure, selection_hit_rate
 from e2_adapter.wrap import is_wrapped
 
 SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
 HIT_IMAGES = 200
+FIGURE_IMAGES = 6
 DEFAULT_BATCH = default_batch()  # the recipe's (the demo's); runs at other sizes are named "variant (batch N)"
 
 # name -> TrainConfig overrides of the fine-tuning recipe (method, adapter preset, loss weights), in run
@@ -68,7 +73,29 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
     row["seconds"] = seconds  # training wall clock (shared machines: read with the load in mind)
     if is_wrapped(model):
         row.update(selection_diagnostics(model, bundle.preprocess, train, val, tr, te))
+        selection_figure(model, bundle.preprocess, val, trainer.out / "selections.png")
     return {"row": row, "curve": trainer.state.history}
+
+
+def selection_figure(model, preprocess, val: FashionGenH5, path: Path) -> Path:
+    """The picks of every fusion block on the first validation products, their true boxes dashed."""
+    n = min(FIGURE_IMAGES, len(val))
+    images = torch.stack([preprocess(val.load_image(p, 0)) for p in range(n)])
+    titles = [" / ".join(v for e, v in val.tags(p).items() if e in SMALL_ENTITIES) for p in range(n)]
+    return save_selection_figure(model, images, path, per_fusion=True, titles=titles,
+                                 boxes=[val.regions(p, 0) for p in range(n)], box_frame=val.load_image(0, 0).size)
+
+
+def figures(sources: list[Path], val_path: Path, out: Path) -> None:
+    """``selection_figure`` for every wrapped run's ``best`` checkpoint in the ``sources`` folders."""
+    val = FashionGenH5(val_path)
+    out.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        for best in sorted(Path(source).glob("*/best")):
+            bundle = from_pretrained(best)
+            if is_wrapped(bundle.model):
+                path = selection_figure(bundle.model, bundle.preprocess, val, out / f"{Path(source).name}-{best.parent.name}.png")
+                print(f"wrote {path}", flush=True)
 
 
 def selection_diagnostics(model, preprocess, train: FashionGenH5, val: FashionGenH5,
@@ -157,6 +184,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                    help="only join these earlier --out folders' results.json into --out")
+    p.add_argument("--figures", nargs="+", type=Path, metavar="DIR",
+                   help="only draw the selections of these earlier --out folders' E2 runs (their best "
+                        "checkpoints) into --out, on the validation data of the setting flags / --prepared")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.merge:
@@ -164,6 +194,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     setting = setting_from_args(args)
+    if args.figures:
+        return figures(args.figures, prepare(setting, args.prepared or args.figures[0], args.prepared)[1], out)
     *data, base = prepare(setting, out, args.prepared)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     header = f"{setting.describe()}, {args.steps} fine-tuning steps; machine: {machine}"

@@ -284,12 +284,17 @@ def cls_attention(model: nn.Module, images: torch.Tensor, *, batch_size: int = 6
 # ---------------------------------------------------------------------------------------------
 def save_selection_figure(model: nn.Module, images, path, baseline: Optional[nn.Module] = None, *,
                           per_fusion: bool = False, titles: Optional[Sequence[str]] = None,
+                          boxes: Optional[Sequence[Optional[Mapping[str, Box]]]] = None, box_frame=None,
                           colours=None, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                           cell_inches: float = 3.0, dpi: int = 100):
     """Save a PNG grid: one row per image; a column with the image and its selections (all fusion
     blocks together, or one column per fusion block with ``per_fusion=True``); and with ``baseline``
     (an unwrapped open_clip / OpenAI / transformers CLIP taking the same inputs) a column with its
     last block's CLS-to-patch attention as a heatmap over the image. Returns the path.
+
+    ``boxes``: per image, the entities' true regions ({entity: (x0, y0, x1, y1)} in pixels of a frame
+    of ``box_frame`` = side or (width, height), default the input's size; FashionSynth's ``regions``),
+    drawn as dashed outlines in the entity's colour, so a reader sees whether the picks land on them.
 
     ``images``: the normalised [B, 3, H, W] model input (denormalised with ``mean``/``std`` for display).
     Uses matplotlib's object API (no pyplot), so it changes no global backend or figure state.
@@ -300,6 +305,8 @@ def save_selection_figure(model: nn.Module, images, path, baseline: Optional[nn.
     from matplotlib.patches import Patch
 
     batch = _as_batch(images)
+    if boxes is not None and len(boxes) != batch.shape[0]:
+        raise ValueError(f"{batch.shape[0]} images but {len(boxes)} box dicts: give one per image (None to skip)")
     config = get_adapter(model).config
     fusion_after = get_adapter(model).fusion_after
     maps = selection_maps(model, batch)
@@ -320,6 +327,8 @@ def save_selection_figure(model: nn.Module, images, path, baseline: Optional[nn.
                                     legend=False, size=max(224, pil.width))
             ax = axes[b, j]
             ax.imshow(drawn)
+            if boxes is not None and boxes[b]:
+                _outline_boxes(ax, boxes[b], palette, box_frame or (pil.width, pil.height), drawn.size)
             label = ("selections (all fusion blocks)" if fusion is None
                      else f"fusion {fusion[0]} (after block {fusion_after[fusion[0]]})")
             ax.set_title(label if b == 0 else "", fontsize=9)
@@ -341,6 +350,16 @@ def save_selection_figure(model: nn.Module, images, path, baseline: Optional[nn.
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def _outline_boxes(ax, boxes: Mapping[str, Box], palette, frame, drawn_size) -> None:
+    from matplotlib.patches import Rectangle
+    fw, fh = _size_wh(frame)
+    sx, sy = drawn_size[0] / fw, drawn_size[1] / fh
+    for entity, (x0, y0, x1, y1) in boxes.items():
+        if entity in palette and x1 > x0 and y1 > y0:
+            ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False,
+                                   edgecolor=np.array(palette[entity]) / 255, linestyle="--", linewidth=1.5))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,20 @@ def test_figure_written(pair, images, tmp_path):
         assert im.size == (300, 360)  # one column (all fusion blocks), no baseline, one row
 
 
+def test_figure_outlines_the_true_boxes(pair, images, tmp_path):
+    model, _ = pair
+    entity = e2_adapter.get_adapter(model).config.entities[0]
+    plain = np.asarray(Image.open(V.save_selection_figure(model, images[:1], tmp_path / "plain.png")).convert("RGB"))
+    # a box on the left half of a 64-px frame: its outline lands on the left half of the drawn image only
+    boxed = V.save_selection_figure(model, images[:1], tmp_path / "boxed.png", boxes=[{entity: (4, 4, 28, 60)}],
+                                    box_frame=64)
+    changed = (np.asarray(Image.open(boxed).convert("RGB")) != plain).any(axis=2)
+    rows, cols = np.nonzero(changed)
+    assert changed.any() and cols.max() < plain.shape[1] / 2
+    with pytest.raises(ValueError, match="2 images but 1 box dicts"):
+        V.save_selection_figure(model, images[:2], tmp_path / "x.png", boxes=[None])
+
+
 def _fake_selections(monkeypatch, selections):
     """Make selection_maps see ``selections`` [B, F, S] whatever the images."""
     monkeypatch.setattr(V, "encode_image_regions",
