@@ -71,14 +71,18 @@ class FusionBlock(nn.Module):
         with torch.no_grad():
             self.value.weight.copy_(torch.eye(width))
 
-    def forward(self, tokens: torch.Tensor, patches: torch.Tensor, tau: float = 1.0):
-        """tokens [B,S,W], patches [B,N,W] -> (fused tokens [B,S,W], chosen patch index [B,S])."""
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor, tau: float = 1.0,
+                patch_mask: torch.Tensor | None = None):
+        """tokens [B,S,W], patches [B,N,W] -> (fused tokens [B,S,W], chosen patch index [B,S]).
+        ``patch_mask`` [B,N] bool: False marks padding (variable-length inputs), never picked."""
         q = linear_as(tokens, self.query)
         if is_plain_linear(self.key):
             # q.k^T folded as (q W_k) p^T: S queries meet the key weights instead of N patches (same scores).
             scores = (q @ self.key.weight.to(tokens.dtype)) @ patches.transpose(1, 2) * self.scale
         else:  # a LoRA, hook or quantised key: run it, or it would be silently ignored
             scores = q @ linear_as(patches, self.key).transpose(1, 2) * self.scale
+        if patch_mask is not None:
+            scores = scores.masked_fill(~patch_mask[:, None, :], torch.finfo(scores.dtype).min)
         choice = hard_select(scores, tau, self.training)
         # value() is linear, so selecting before projecting equals projecting every patch, at S/N the cost.
         chosen = linear_as(choice.to(patches.dtype) @ patches, self.value)

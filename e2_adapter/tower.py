@@ -61,7 +61,7 @@ def e2_forward(backend: VisionBackend, adapter: E2Adapter, images: torch.Tensor,
     for i, (end, fusion) in enumerate(zip(adapter.fusion_after, adapter.fusions)):
         x = backend.run_blocks(x, start, end, mask)
         prefix, tokens, patches = x[:, :p], x[:, p:p + num_tokens], x[:, p + num_tokens:]
-        tokens, chosen = fusion(tokens, patches, adapter.tau)
+        tokens, chosen = fusion(tokens, patches, adapter.tau, backend.patch_mask)
         selections.append(chosen)
         if i == last and drop_patches:
             x = torch.cat([prefix, tokens], dim=1)
@@ -92,8 +92,8 @@ class E2Tower:
     def forward(self, images: torch.Tensor | None = None, *args, **kwargs):
         if images is None:  # transformers calls vision_model(pixel_values=...)
             images = kwargs.pop("pixel_values")
-        embed_kwargs = {k: kwargs[k] for k in ("interpolate_pos_encoding",) if k in kwargs}
         backend = BACKENDS[self.e2.config.family].at_tower(self)
+        embed_kwargs = {k: kwargs[k] for k in backend.embed_inputs if k in kwargs}
         out = e2_forward(backend, self.e2, images, project=backend.tower_projects, **embed_kwargs)
         return backend.tower_output(out)
 

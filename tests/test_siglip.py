@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import e2_adapter
-from e2_adapter.backends import hf_siglip, open_clip_timm
+from e2_adapter.backends import hf_siglip, hf_siglip2, open_clip_timm
 
 
 def _open_clip_vit(**vision):
@@ -46,6 +46,9 @@ MODELS = {
     "open_clip_avg": (lambda: _open_clip_vit(pool_type="avg"), "open_clip", True),
     "hf_siglip": (lambda: hf_siglip.tiny_model(), "hf_siglip", True),
     "hf_siglip_vision": (lambda: hf_siglip.tiny_model(vision_only=True), "hf_siglip", True),
+    # SigLIP 2 (NaFlex): patches in, a padding mask and each image's grid; image batches are cut here
+    "hf_siglip2": (lambda: hf_siglip2.tiny_model(), "hf_siglip2", True),
+    "hf_siglip2_vision": (lambda: hf_siglip2.tiny_model(vision_only=True), "hf_siglip2", True),
 }
 
 
@@ -191,6 +194,52 @@ def test_timm_gradient_checkpointing_matches(tower, images):
     assert torch.allclose(a.gate.grad, b.gate.grad, atol=1e-5)
 
 
+def _naflex_batch(images):
+    """The Siglip2 processor's output for images of different grids: image 0 whole (4 x 4 patches),
+    image 1 its top half (2 x 4, then 8 padding patches), image 2 a 3 x 2 crop (6, then 10 padding)."""
+    rows = []
+    for image, (h, w) in zip(images, [(32, 32), (16, 32), (24, 16)]):
+        values, _, _ = hf_siglip2.patchify(image[None, :, :h, :w], 8)
+        rows.append(values[0])
+    lengths = torch.tensor([len(r) for r in rows])
+    # loud padding (the processor writes zeros): if anything read it, the tests below would see it
+    pixel_values = torch.full((3, 16, rows[0].shape[1]), 30.0)
+    for i, r in enumerate(rows):
+        pixel_values[i, :len(r)] = r
+    mask = (torch.arange(16)[None] < lengths[:, None]).long()
+    return dict(pixel_values=pixel_values, pixel_attention_mask=mask,
+                spatial_shapes=torch.tensor([[4, 4], [2, 4], [3, 2]])), lengths
+
+
+def test_hf_siglip2_padded_patch_sequences(images):
+    model = build("hf_siglip2")
+    inputs, lengths = _naflex_batch(images)
+    before = model.get_image_features(**inputs).pooler_output
+    e2_adapter.wrap(model)
+    after = model.get_image_features(**inputs).pooler_output
+    assert torch.allclose(after, before, atol=1e-5), (after - before).abs().max()  # padding still ignored
+    # the padding is never picked, whatever the tokens prefer
+    tower = e2_adapter.get_backend(model).tower
+    out = e2_adapter.tower.e2_forward(e2_adapter.get_backend(model).at_tower(tower), tower.e2,
+                                      inputs["pixel_values"], pixel_attention_mask=inputs["pixel_attention_mask"],
+                                      spatial_shapes=inputs["spatial_shapes"])
+    assert (out.selections < lengths[:, None, None]).all()
+    # and the padding changes nothing: image 1 alone, unpadded, gives the same embedding
+    alone = {k: v[1:2] for k, v in inputs.items()}
+    alone["pixel_values"], alone["pixel_attention_mask"] = alone["pixel_values"][:, :8], alone["pixel_attention_mask"][:, :8]
+    with torch.no_grad():
+        e2_adapter.get_adapter(model).gate.fill_(0.5)
+    padded, unpadded = model.get_image_features(**inputs).pooler_output[1], model.get_image_features(**alone).pooler_output[0]
+    assert torch.allclose(padded, unpadded, atol=1e-5), (padded - unpadded).abs().max()
+
+
+def test_hf_siglip2_patches_match_its_image_processor(images):
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+    values, mask, shapes = hf_siglip2.patchify(images, 8)
+    assert torch.equal(values[1], convert_image_to_patches(images[1], 8))
+    assert mask.all() and shapes.tolist() == [[4, 4]] * 3
+
+
 def test_hf_siglip_outputs_keep_their_format(images):
     model = e2_adapter.wrap(build("hf_siglip"))
     out = model.vision_model(pixel_values=images)
@@ -303,16 +352,17 @@ def test_trainer_objective_uses_the_sigmoid_loss_for_siglip(name, images):
         torch.testing.assert_close(parts[k], v, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_siglip_save_pretrained_round_trip(images, tmp_path):
-    """A wrapped SiglipModel is one save_pretrained folder that from_pretrained rebuilds offline."""
-    model = e2_adapter.wrap(build("hf_siglip"))
+@pytest.mark.parametrize("name", ["hf_siglip", "hf_siglip2"])
+def test_hf_siglip_save_pretrained_round_trip(name, images, tmp_path):
+    """A wrapped SiglipModel / Siglip2Model is one save_pretrained folder that from_pretrained rebuilds offline."""
+    model = e2_adapter.wrap(build(name))
     with torch.no_grad():
         e2_adapter.get_adapter(model).gate.fill_(0.2)
     source = dict(family="hf", model="siglip-tiny", pretrained=None, image_size=32,
                   tokenizer={"kind": "clip_bpe", "context_length": 16})
     e2_adapter.save_pretrained(model, tmp_path / "m", source=source)
     bundle = e2_adapter.from_pretrained(tmp_path / "m")
-    assert type(bundle.model).__name__ == "SiglipModel" and e2_adapter.is_wrapped(bundle.model)
+    assert type(bundle.model) is type(model) and e2_adapter.is_wrapped(bundle.model)
     assert torch.equal(encode(bundle.model, images), encode(model, images))
 
 

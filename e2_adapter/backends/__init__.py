@@ -6,13 +6,14 @@ from torch import nn
 from .base import UnsupportedModelError, VisionBackend, describe
 from .hf_clip import HFClipBackend
 from .hf_siglip import HFSiglipBackend
+from .hf_siglip2 import HFSiglip2Backend
 from .open_clip import OpenClipBackend
 from .open_clip_timm import OpenClipTimmBackend
 from .openai_clip import OpenAIClipBackend
 
 # Asked in this order: the narrower claims (a timm tower, a Siglip class) before their library's CLIP.
 BACKENDS: dict[str, type[VisionBackend]] = {b.family: b for b in (
-    OpenClipTimmBackend, OpenClipBackend, OpenAIClipBackend, HFSiglipBackend, HFClipBackend)}
+    OpenClipTimmBackend, OpenClipBackend, OpenAIClipBackend, HFSiglip2Backend, HFSiglipBackend, HFClipBackend)}
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

@@ -67,6 +67,8 @@ class VisionBackend(ABC):
     # normalised CLS that the model projects outside the tower (HF): a tower-rooted backend can only
     # project in the first case.
     tower_projects: ClassVar[bool] = True
+    # Keyword inputs of the tower's own forward that ``embed`` takes (the patched forward passes them on).
+    embed_inputs: ClassVar[tuple[str, ...]] = ("interpolate_pos_encoding",)
 
     def __init__(self, model: nn.Module | None, tower: nn.Module | None = None):
         self.model = model
@@ -119,6 +121,12 @@ class VisionBackend(ABC):
         """Tokens before the patches in ``embed``'s output: 1 (the class token) for CLIP towers, 0 for a
         tower without one (SigLIP), 1 + registers for some timm towers. E2's tokens go right after them."""
         return 1
+
+    @property
+    def patch_mask(self) -> torch.Tensor | None:
+        """[B, N] bool, False on padding patches, for towers that take variable-length patch sequences
+        (set by ``embed``); None when every patch is real. Fusion never picks a padding patch."""
+        return None
 
     @property
     def pools_patches(self) -> bool:

@@ -29,7 +29,8 @@ class HFEncoderSteps:
         return self.tower.embeddings(images.to(dtype), interpolate_pos_encoding=interpolate_pos_encoding)
 
     def run_blocks(self, x, start, end, attn_mask):
-        mask = attn_mask[None, None] if attn_mask is not None else None  # HF wants [B, heads, L, L]
+        # HF wants [B, heads, L, L] (broadcast over the heads; per image when the backend adds padding)
+        mask = attn_mask if attn_mask is None or attn_mask.dim() == 4 else attn_mask[None, None]
         for layer in list(self.tower.encoder.layers)[start:end]:
             # transformers 4.x layers also take a causal mask and return a tuple
             out = layer(x, mask, None) if _takes_causal_mask(type(layer)) else layer(x, mask)

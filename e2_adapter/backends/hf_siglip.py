@@ -24,14 +24,12 @@ class HFSiglipBackend(HFEncoderSteps, VisionBackend):
 
     @classmethod
     def claims(cls, model) -> bool:
-        return type(model).__module__.startswith("transformers") and type(model).__name__.startswith("Siglip")
+        name = type(model).__name__
+        return type(model).__module__.startswith("transformers") and name.startswith("Siglip") \
+            and not name.startswith("Siglip2")  # SigLIP 2 (NaFlex) is hf_siglip2's
 
     def check(self) -> None:
         name = describe(self.model)
-        if type(self.model).__name__.startswith("Siglip2"):
-            raise UnsupportedModelError(
-                f"{name} is a SigLIP 2 model: its NaFlex patch embedding takes variable-length patch sequences "
-                "with a padding mask, which E2's token layout does not handle; use a SigLIP (1) model.")
         tower = self.tower
         if not all(hasattr(tower, a) for a in ("embeddings", "encoder", "post_layernorm")):
             raise UnsupportedModelError(f"{name} has no SigLIP vision tower (embeddings, encoder, post_layernorm); "
