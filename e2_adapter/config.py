@@ -12,10 +12,12 @@ from pathlib import Path
 
 CONFIG_NAME = "adapter_config.json"
 DEFAULT_ENTITIES = ("brand", "season", "subcategory", "composition")
-PRESETS = ("faithful", "lean", "gated")
-# The FashionSynth benchmark (README) measured gated ahead of faithful in retrieval, level with CLIP-FT,
-# and it leaves a pretrained CLIP's embeddings unchanged until training moves the gate.
-DEFAULT_PRESET = "gated"
+PRESETS = ("auto", "faithful", "lean", "gated")
+# "auto" is decided by the tower (``E2Config.for_tower``): the paper's faithful layout where the global
+# embedding is the class token, which on FashionSynth's calibrated world led CLIP-FT and gated by
+# 12-14 product-full SumR over 3 seeds (README, round 2); gated where the tower pools its patches,
+# the one layout that can keep them (SigLIP's MAP head, average pooling).
+DEFAULT_PRESET = "auto"
 LEAN_QK_RANK = 32  # keeps ViT-B/32's overhead under the paper's 1.9% (benchmarks/overhead.py)
 CONFIG_VERSION = 2  # 2: presets resolved into the layout fields (1 wrote drop_patches=True for gated)
 # What each preset sets. A field left at None takes its preset's value; an explicit value that
@@ -71,8 +73,9 @@ class E2Config:
         "normal", "normal: each selection token drawn independently, like CLIP's class embedding; cls: every "
         "token starts at the class token plus small noise (they then pick the same patches: in the first demo "
         "run still collapsed after 600 steps, hence normal)")
-    preset: str = option(DEFAULT_PRESET, "the layout (PRESET_LAYOUTS): faithful, lean or gated; fills gated, "
-                         "drop_patches and qk_rank where unset and rejects values that contradict it")
+    preset: str = option(DEFAULT_PRESET, "the layout (PRESET_LAYOUTS): faithful, lean or gated, or auto (faithful "
+                         "for a class-token tower, gated for one that pools its patches; wrap decides); fills "
+                         "gated, drop_patches and qk_rank where unset and rejects values that contradict it")
     # Filled in by wrap() from the model, checked by load_adapter().
     family: str | None = option(None, "the model's CLIP family (set by wrap)")
     width: int | None = option(None, "the tower width (set by wrap)")
@@ -108,6 +111,10 @@ class E2Config:
         self._resolve_preset()
 
     def _resolve_preset(self) -> None:
+        if self.preset == "auto":
+            if self.gated is None and self.drop_patches is None:
+                return  # the tower decides (for_tower); qk_rank, if given, stays as given
+            self.preset = "gated" if self.gated or self.drop_patches is False else "faithful"  # a given layout field decides
         layout = PRESET_LAYOUTS[self.preset]
         for name in ("gated", "drop_patches"):
             value = getattr(self, name)
@@ -126,8 +133,15 @@ class E2Config:
     @classmethod
     def from_preset(cls, name: str = DEFAULT_PRESET, **overrides) -> "E2Config":
         """``faithful``: the paper's layout. ``lean``: low-rank fusion q/k (<= 1.9% extra parameters
-        on ViT-B/32). ``gated``: the faithful layout that starts exactly where CLIP is."""
+        on ViT-B/32). ``gated``: the faithful layout that starts exactly where CLIP is. ``auto`` (the
+        default): faithful, or gated for a tower that pools its patches."""
         return cls(preset=name, **overrides)
+
+    def for_tower(self, pools_patches: bool) -> "E2Config":
+        """The config with ``auto`` decided for a tower: gated if it pools its patches, else faithful."""
+        if self.preset != "auto":
+            return self
+        return replace(self, preset="gated" if pools_patches else "faithful")
 
     @property
     def num_tokens(self) -> int:

@@ -138,7 +138,7 @@ def finetune_config(method: str, steps: int, seed: int, batch_size: int, **overr
 def finetune_variants() -> dict[str, dict]:
     """The benchmark's variants, in run order: name -> TrainConfig overrides of the fine-tuning recipe
     (``recipes/fashionsynth_variants.json``; each names its method and, for E2, its adapter preset,
-    since the library's default preset is "gated" and "e2" is the paper's faithful layout)."""
+    so a run never depends on the library's default: "e2" is the paper's faithful layout)."""
     return json.loads(VARIANTS_RECIPE.read_text())
 
 

@@ -85,12 +85,14 @@ def wrap(model: nn.Module, config: E2Config | None = None, *, entities=None, pre
         raise ValueError("pass either config=E2Config(...) or keyword options (entities=, preset=, ...), not both")
 
     backend = backend_for(model)  # raises a clear error for unsupported models, model untouched
+    config = config.for_tower(backend.pools_patches)
     if backend.pools_patches and config.drop_patches:
         from .backends.base import describe
         raise ValueError(
             f"{describe(unwrap_peft(model))} pools its global embedding over the patch tokens (average or "
             f"attention pooling), so E2 cannot drop the patches as preset {config.preset!r} does; use "
-            "preset='gated' (the default), which keeps them and lets the tokens in through its gate")
+            "preset='gated' (what the default, 'auto', picks for such a tower), which keeps them and lets the "
+            "tokens in through its gate")
     config = config.with_model_info(family=backend.family, width=backend.width, embed_dim=backend.embed_dim,
                                     num_blocks=backend.num_blocks)
     adapter = E2Adapter(config, backend.width, backend.embed_dim, backend.num_blocks)

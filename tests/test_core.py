@@ -186,15 +186,26 @@ def test_gated_preset_starts_exactly_where_clip_is(family, images, make_tiny):
     assert e2_adapter.get_adapter(model).gate.grad.abs().sum() > 0
 
 
-def test_default_is_the_gated_preset_everywhere(images, make_tiny):
-    """wrap(), a bare E2Config and the trainer agree on the default, and it leaves CLIP unchanged."""
+def test_default_is_auto_everywhere_faithful_for_a_class_token_tower(images, make_tiny):
+    """wrap(), a bare E2Config and the trainer agree on the default, "auto", which wrap decides from the
+    tower: the paper's faithful layout for a class-token tower (a pooling tower: tests/test_siglip.py)."""
     from e2_adapter.training.config import TrainConfig
+    assert e2_adapter.E2Config().preset == TrainConfig().adapter.preset == "auto"
+    config = e2_adapter.get_adapter(e2_adapter.wrap(make_tiny("open_clip"))).config
+    assert config.preset == "faithful" and config.drop_patches and not config.gated
+    assert not e2_adapter.E2Config.from_preset("faithful").gated and not e2_adapter.E2Config.from_preset("lean").gated
+    # a layout field given with auto decides it; a contradiction is still an error
+    assert e2_adapter.E2Config(gated=True).preset == "gated"
+    assert e2_adapter.E2Config(drop_patches=True).preset == "faithful"
+    with pytest.raises(ValueError, match="gated=False contradicts preset 'gated'"):
+        e2_adapter.E2Config(gated=False, drop_patches=False)  # gated's layout without its gate
+
+
+def test_gated_preset_starts_where_clip_is(images, make_tiny):
     model = make_tiny("open_clip")
     before = backend(model).encode_image(images)
-    config = e2_adapter.get_adapter(e2_adapter.wrap(model)).config
-    assert config.preset == e2_adapter.E2Config().preset == TrainConfig().adapter.preset == "gated" and config.gated
+    assert e2_adapter.get_adapter(e2_adapter.wrap(model, preset="gated")).config.gated
     assert torch.allclose(before, backend(model).encode_image(images), atol=1e-5)
-    assert not e2_adapter.E2Config.from_preset("faithful").gated and not e2_adapter.E2Config.from_preset("lean").gated
 
 
 def test_faithful_preset_differs_from_clip_at_step_0(images, make_tiny):
@@ -216,7 +227,7 @@ def test_mark_only_adapter_trainable_and_report(capsys, make_tiny):
     e2_adapter.mark_only_adapter_trainable(model)
     counts = e2_adapter.count_parameters(model)
     assert counts["trainable"] == counts["adapter"] == (counts["tokens"] + counts["fusion"] + counts["heads"]
-                                                        + counts["gate"])
+                                                        + counts.get("gate", 0))
     line = e2_adapter.print_trainable_parameters(model)
     assert "trainable params:" in capsys.readouterr().out and "%" in line
 

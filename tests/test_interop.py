@@ -233,7 +233,7 @@ def test_vendored_openai_clip_wraps_and_equals_unwrapped_at_step_0(original_posi
     tokens = short_tokens(model.context_length)
     with torch.no_grad():
         expected_image, expected_text = model.encode_image(images), model.encode_text(tokens)
-    e2_adapter.wrap(model)  # the default (gated) preset starts where CLIP is
+    e2_adapter.wrap(model, preset="gated")  # the gated preset starts where CLIP is
     backend = e2_adapter.get_backend(model)
     assert backend.family == "openai"
     with torch.no_grad():
@@ -290,7 +290,7 @@ def test_bf16_autocast_step_0_wrapped_equals_unwrapped_to_bf16_rounding(family, 
     """Measured (README): wrapped and unwrapped under the same bf16 autocast differ by 0 on these tiny
     models; both differ from fp32 by bf16's rounding (1.3-2.6e-2 on embeddings of magnitude ~3)."""
     base = make_tiny(family)
-    wrapped = e2_adapter.wrap(copy.deepcopy(base))
+    wrapped = e2_adapter.wrap(copy.deepcopy(base), preset="gated")  # starts where the base is
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     encode = lambda m: e2_adapter.get_backend(m).encode_image(images).float()
     with torch.no_grad():

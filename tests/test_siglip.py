@@ -74,6 +74,9 @@ def test_family_and_pooling_are_read_from_the_model(name):
     model = build(name)
     backend = e2_adapter.get_backend(model)
     assert backend.family == MODELS[name][1] and backend.pools_patches == MODELS[name][2]
+    # the default preset (auto) follows: gated for a tower that pools its patches, else faithful
+    preset = e2_adapter.get_adapter(e2_adapter.wrap(model)).config.preset
+    assert preset == ("gated" if MODELS[name][2] else "faithful")
 
 
 def test_shapes_and_selections(name, images):
@@ -91,7 +94,7 @@ def test_shapes_and_selections(name, images):
 def test_gated_wrap_equals_the_original_at_step_0_and_the_gate_opens(name, images):
     model = build(name)
     before = encode(model, images)
-    e2_adapter.wrap(model)  # the default preset: gated
+    e2_adapter.wrap(model, preset="gated")  # what the default (auto) picks for the pooling towers
     assert torch.allclose(encode(model, images), before, atol=1e-5), (encode(model, images) - before).abs().max()
     adapter = e2_adapter.get_adapter(model)
     with torch.no_grad():
@@ -184,7 +187,7 @@ def test_eva_mixed_rotary_positions_are_refused():
 
 @pytest.mark.parametrize("tower", ["open_clip_siglip", "timm_eva02"])
 def test_timm_gradient_checkpointing_matches(tower, images):
-    model = e2_adapter.wrap(build(tower)).train()
+    model = e2_adapter.wrap(build(tower), preset="gated").train()
     reference = copy.deepcopy(model)
     model.set_grad_checkpointing(True)
     for m in (model, reference):
