@@ -35,7 +35,7 @@ from e2_adapter.evaluation.report import mean_std_table, save_json
 from e2_adapter.training.trainer import Trainer
 from e2_adapter.pretrained import from_pretrained
 from e2_adapter.visualize import save_selection_figure, selection_hit_rate
-from e2_adapter.wrap import is_wrapped
+from e2_adapter.wrap import get_adapter, is_wrapped
 
 SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
 HIT_IMAGES = 200
@@ -73,7 +73,8 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
     row["seconds"] = seconds  # training wall clock (shared machines: read with the load in mind)
     if is_wrapped(model):
         row.update(selection_diagnostics(model, bundle.preprocess, train, val, tr, te))
-        selection_figure(model, bundle.preprocess, val, trainer.out / "selections.png")
+        if get_adapter(model).fusion_after:  # the no-fusion ablation picks nothing to draw
+            selection_figure(model, bundle.preprocess, val, trainer.out / "selections.png")
     return {"row": row, "curve": trainer.state.history}
 
 
@@ -93,7 +94,7 @@ def figures(sources: list[Path], val_path: Path, out: Path) -> None:
     for source in sources:
         for best in sorted(Path(source).glob("*/best")):
             bundle = from_pretrained(best)
-            if is_wrapped(bundle.model):
+            if is_wrapped(bundle.model) and get_adapter(bundle.model).fusion_after:
                 path = selection_figure(bundle.model, bundle.preprocess, val, out / f"{Path(source).name}-{best.parent.name}.png")
                 print(f"wrote {path}", flush=True)
 

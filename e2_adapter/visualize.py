@@ -309,6 +309,9 @@ def save_selection_figure(model: nn.Module, images, path, baseline: Optional[nn.
         raise ValueError(f"{batch.shape[0]} images but {len(boxes)} box dicts: give one per image (None to skip)")
     config = get_adapter(model).config
     fusion_after = get_adapter(model).fusion_after
+    if not fusion_after:
+        raise ValueError("this adapter has no fusion blocks (fusion_after is empty), so its tokens pick no "
+                         "patches and there are no selections to draw")
     maps = selection_maps(model, batch)
     grid = maps[0][config.entities[0]].shape[-1]
     heat = cls_attention(baseline, batch) if baseline is not None else None

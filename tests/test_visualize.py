@@ -125,6 +125,9 @@ def test_figure_outlines_the_true_boxes(pair, images, tmp_path):
     assert changed.any() and cols.max() < plain.shape[1] / 2
     with pytest.raises(ValueError, match="2 images but 1 box dicts"):
         V.save_selection_figure(model, images[:2], tmp_path / "x.png", boxes=[None])
+    no_fusion = e2_adapter.wrap(e2_adapter.unwrap(copy.deepcopy(model)), fusion_after=())
+    with pytest.raises(ValueError, match="no fusion blocks"):
+        V.save_selection_figure(no_fusion, images[:1], tmp_path / "y.png")
 
 
 def _fake_selections(monkeypatch, selections):
