@@ -73,13 +73,15 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
     row["seconds"] = seconds  # training wall clock (shared machines: read with the load in mind)
     if is_wrapped(model):
         row.update(selection_diagnostics(model, bundle.preprocess, train, val, tr, te))
-        if get_adapter(model).fusion_after:  # the no-fusion ablation picks nothing to draw
-            selection_figure(model, bundle.preprocess, val, trainer.out / "selections.png")
+        selection_figure(model, bundle.preprocess, val, trainer.out / "selections.png")
     return {"row": row, "curve": trainer.state.history}
 
 
-def selection_figure(model, preprocess, val: FashionGenH5, path: Path) -> Path:
-    """The picks of every fusion block on the first validation products, their true boxes dashed."""
+def selection_figure(model, preprocess, val: FashionGenH5, path: Path) -> Path | None:
+    """The picks of every fusion block on the first validation products, their true boxes dashed
+    (None for an adapter without fusion blocks, the no-fusion ablation: it picks nothing to draw)."""
+    if not get_adapter(model).fusion_after:
+        return None
     n = min(FIGURE_IMAGES, len(val))
     images = torch.stack([preprocess(val.load_image(p, 0)) for p in range(n)])
     titles = [" / ".join(v for e, v in val.tags(p).items() if e in SMALL_ENTITIES) for p in range(n)]
@@ -94,8 +96,9 @@ def figures(sources: list[Path], val_path: Path, out: Path) -> None:
     for source in sources:
         for best in sorted(Path(source).glob("*/best")):
             bundle = from_pretrained(best)
-            if is_wrapped(bundle.model) and get_adapter(bundle.model).fusion_after:
-                path = selection_figure(bundle.model, bundle.preprocess, val, out / f"{Path(source).name}-{best.parent.name}.png")
+            path = None if not is_wrapped(bundle.model) else selection_figure(
+                bundle.model, bundle.preprocess, val, out / f"{Path(source).name}-{best.parent.name}.png")
+            if path is not None:
                 print(f"wrote {path}", flush=True)
 
 

@@ -79,12 +79,11 @@ class HFSiglip2Backend(HFSiglipBackend):
             raise UnsupportedModelError(f"{describe(self.model)} has no Siglip2 patch embedding (embeddings.patch_size)")
 
     def encode_image(self, images):
-        model = self.model if self.model is not None else self.tower
-        if images.dim() == 4:
-            pixel_values, mask, shapes = patchify(images, self.tower.embeddings.patch_size)
-        else:
+        if images.dim() != 4:
             raise ValueError("encode_image takes an image batch [B, 3, H, W]; call the model with the Siglip2 "
                              "processor's outputs for padded patch sequences")
+        model = self.model if self.model is not None else self.tower
+        pixel_values, mask, shapes = patchify(images, self.tower.embeddings.patch_size)
         inputs = dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes)
         out = model.get_image_features(**inputs) if hasattr(model, "get_image_features") else model(**inputs)
         return out if torch.is_tensor(out) else out.pooler_output

@@ -193,8 +193,9 @@ def tiny_model(pool: str = "map", class_token: bool = False, no_embed_class: boo
     (timm's ``vit_base_patch16_siglip_224`` entry point at a small width; defaults: no class token,
     positions on the patches only, a MAP head, no projection, a logit bias) or, with the arguments,
     another timm ViT layout. ``hybrid_stem``: ViTamin's patch embedding, convolutions feeding timm's
-    ``HybridEmbed`` with no projection of its own. ``eva02``: timm's ``eva02_base_patch16_clip_224`` trunk
-(EVA02-B-16's: rotary positions, SwiGLU) instead. For tests: nothing is downloaded."""
+    ``HybridEmbed`` with no projection of its own. ``eva02``: timm's
+    ``eva02_base_patch16_clip_224`` trunk (EVA02-B-16's: rotary positions, SwiGLU) instead. For tests:
+    nothing is downloaded."""
     import timm
     from open_clip.model import CustomTextCLIP
     from open_clip.timm_model import TimmModel
