@@ -11,6 +11,7 @@ captions naming the product's brand / sub-category / composition / season), mean
         --train-h5 data/fashionsynth_train.h5 --val-h5 data/fashionsynth_validation.h5 --seeds 0 1 2
 
     python benchmarks/captioning.py --encoder A=base --synth 300 --quick    # a CPU smoke run
+    python benchmarks/captioning.py --aggregate runs/cap/s0.json runs/cap/s1.json   # pool runs' rows
 
 An encoder is NAME=SPEC, SPEC relative to the base model flags: ``base``, ``module:function`` (a
 factory returning a ClipBundle or (model, tokenizer, preprocess)), a save_pretrained folder (a
@@ -198,7 +199,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", action="append", required=True, metavar="NAME=SPEC")
+    p.add_argument("--encoder", action="append", metavar="NAME=SPEC")
+    p.add_argument("--aggregate", nargs="+", metavar="JSON",
+                   help="only print mean ± std over the rows of earlier runs' --out files (e.g. one per encoder seed)")
     b = p.add_argument_group("base model (what SPECs load onto)")
     add_model_flags(b, default_model="tiny")
     b.add_argument("--encoder-seed", type=int, default=0, help="init seed of a random base model")
@@ -215,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write rows, summary and table as JSON here")
     args = p.parse_args(argv)
+    if args.aggregate:
+        print(markdown_table([row for path in args.aggregate for row in json.loads(Path(path).read_text())["rows"]]))
+        return 0
+    if not args.encoder:
+        p.error("--encoder (at least one) is required unless --aggregate is given")
 
     settings = Settings(**(QUICK if args.quick else {}))
     for item in args.set:

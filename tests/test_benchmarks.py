@@ -74,6 +74,23 @@ def test_composed_retrieval_aggregates_runs_as_mean_and_std(tmp_path, capsys, lo
     assert "| brand | 50.0 ± 14.1 | 100.0 ± 0.0 | 50.0 ± 14.1 | 100.0 ± 0.0 |" in out
 
 
+def test_captioning_aggregate_pools_rows_of_runs_by_captioner_and_encoder(tmp_path, capsys, load_benchmark):
+    bench = load_benchmark("captioning")
+
+    def row(encoder, seed, bleu4, brand):
+        return {"encoder": encoder, "captioner": "capdec", "seed": seed,
+                "captions": {"BLEU@4": bleu4}, "entities": {"brand": brand}}
+
+    paths = []
+    for seed, (a, b) in enumerate(((0.30, 0.40), (0.50, 0.60))):  # one file per encoder seed
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps({"rows": [row("A", seed, a, 0.1), row("B", seed, b, 0.2)]}))
+    bench.main(["--aggregate", *map(str, paths)])
+    out = capsys.readouterr().out
+    assert "over seeds [0, 1]" in out
+    assert "| capdec | A | n/a | 40.0 ± 14.1 |" in out and "| capdec | B | n/a | 50.0 ± 14.1 |" in out
+
+
 def test_fashionsynth_resumes_finished_runs_and_refuses_another_setting(tmp_path, one_thread, capsys, load_benchmark):
     bench = load_benchmark("fashionsynth")
     common = ["--out", str(tmp_path), "--products", "70", "--val-products", "12", "--steps", "2",
