@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from e2_adapter.data import write_fashionsynth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,3 +24,17 @@ def test_reproduce_fashiongen_script_on_fashionsynth(tmp_path):
     for method in ("clip-ft", "e2"):
         result = json.loads((tmp_path / "runs" / method / "eval.json").read_text())
         assert {"product-full", "image-full", "sample-100", "linear-probe"} <= set(result)
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_comparison_hit_rates_figures_and_adapter(tmp_path, one_thread):
+    from types import SimpleNamespace
+
+    from e2_adapter.demo import run
+    results = run(SimpleNamespace(quick=True, seed=0, out=str(tmp_path)))
+    assert set(results) == {"clip-ft", "e2"}
+    table = (tmp_path / "results.md").read_text()
+    assert "| clip-ft |" in table and "| e2 |" in table
+    assert "E2's brand tokens pick a patch on the brand region" in table and "picks at random" in table
+    for name in ("metrics.png", "selections.png", "results.json", "e2/best/adapter"):
+        assert (tmp_path / name).exists(), name
