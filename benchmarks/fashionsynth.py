@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -56,10 +55,8 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
     trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, train, val, cfg,
                       out / f"{variant}-b{batch}-s{seed}", "open_clip", progress=False)
     # A run a stopped session left half done continues from its last checkpoint.
-    start = time.perf_counter()
     resume = (trainer.out / "checkpoint_last.pt").is_file()
     trainer.fit(resume=resume, overwrite=not resume)
-    seconds = time.perf_counter() - start
     model = trainer.model.eval()  # the final model: equal steps for every variant
     metrics = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full", "sample-100"))
     # One pass over each split serves the global probes and (wrapped models) the region probes.
@@ -70,7 +67,8 @@ def run_one(variant: str, seed: int, steps: int, batch: int, setting: Setting, d
            "pf i2t R@1": metrics["product-full"]["i2t_R1"], "s100 SumR": metrics["sample-100"]["SumR"],
            "s100 t2i R@1": metrics["sample-100"]["t2i_R1"], "s100 i2t R@1": metrics["sample-100"]["i2t_R1"],
            **{f"probe {e}": v for e, v in probe.items()}}
-    row["seconds"] = seconds  # training wall clock (shared machines: read with the load in mind)
+    # training wall clock, the sessions before a resume included (shared machines: read with the load in mind)
+    row["seconds"] = trainer.state.train_seconds
     if is_wrapped(model):
         row.update(selection_diagnostics(model, bundle.preprocess, train, val, tr, te))
         selection_figure(model, bundle.preprocess, val, trainer.out / "selections.png")

@@ -317,6 +317,17 @@ def test_resume_does_not_repeat_logged_steps(synth, tmp_path, crash_trainer_at):
     assert steps_logged(tmp_path) == [1, 2, 3, 4]
 
 
+def test_resumed_run_counts_the_training_time_before_the_crash(synth, tmp_path, crash_trainer_at):
+    undo = crash_trainer_at(3)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(synth, tmp_path, checkpoint_every=1).fit()
+    undo()
+    before = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["state"]["train_seconds"]
+    assert before > 0
+    state = make_trainer(synth, tmp_path, checkpoint_every=1).fit(resume=True)
+    assert state.train_seconds > before  # the first session's steps, then the resumed ones
+
+
 # --- 4. adapters -------------------------------------------------------------------------------------------
 
 @pytest.fixture

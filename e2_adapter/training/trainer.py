@@ -62,6 +62,7 @@ class TrainState:
     best_sumr: float = -math.inf
     best_step: int = -1
     history: list = field(default_factory=list)
+    train_seconds: float = 0.0  # wall clock of the steps (validation included), summed over resumes
 
 
 # --- model preparation ------------------------------------------------------------------------
@@ -413,7 +414,9 @@ class Trainer:
                 self.clamp_logit_scale()
                 self.state.stage_step += 1
                 self.state.step += 1
-                rate = self.cfg.batch_size * self.cfg.grad_accum / (time.perf_counter() - tic)
+                seconds = time.perf_counter() - tic
+                self.state.train_seconds += seconds
+                rate = self.cfg.batch_size * self.cfg.grad_accum / seconds
                 tic = time.perf_counter()
                 self.log_step(parts, scheduler.get_last_lr()[0], rate, bar)
                 end_of_epoch = self.state.stage_step % self.steps_per_epoch == 0
