@@ -42,11 +42,6 @@ class Setting:
                 f"model `{self.model}`, base pre-trained {self.pretrain_steps} steps on `{self.pretrain_template}`")
 
 
-# calD of the round-2 calibration (README): the world where a tower from the base, trained on the
-# labels, reads the logo (brand 81.7%) and CLIP-FT's probe stays far below it (26%).
-CALIBRATED = Setting(data=SynthSpec(val_products=400, brands=12, logo_scale=3, label_scale=2), model="small")
-
-
 def add_setting_flags(parser, defaults: Setting | None = None) -> None:
     """The model, the base's pre-training and every FashionSynth knob, as flags."""
     from .data.synth import add_synth_flags
