@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from e2_adapter.data import FashionGenH5
-from e2_adapter.experiments import (Setting, add_setting_flags, base_model, default_batch, finetune_config,
-                                    finetune_variants, prepare, setting_from_args)
+from e2_adapter.experiments import (SMALL_ENTITIES, Setting, add_setting_flags, base_model, default_batch,
+                                    finetune_config, finetune_variants, prepare, setting_from_args)
 from e2_adapter.evaluation.embed import CatalogueEmbeddings, embed_catalogue, evaluate
 from e2_adapter.evaluation.linear_probe import probe_entities
 from e2_adapter.evaluation.report import mean_std_table, save_json
@@ -36,7 +36,6 @@ from e2_adapter.pretrained import from_pretrained
 from e2_adapter.visualize import save_selection_figure, selection_hit_rate
 from e2_adapter.wrap import get_adapter, is_wrapped
 
-SMALL_ENTITIES = ("brand", "season")  # the details E2 is for: hit rates and region probes for these
 HIT_IMAGES = 200
 FIGURE_IMAGES = 6
 DEFAULT_BATCH = default_batch()  # the recipe's (the demo's); runs at other sizes are named "variant (batch N)"

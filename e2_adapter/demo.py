@@ -18,7 +18,7 @@ import torch
 from .data import FashionGenH5
 from .evaluation.embed import evaluate, linear_probe_entities
 from .evaluation.report import results_to_markdown, save_json
-from .experiments import Setting, base_model, finetune_config, prepare
+from .experiments import SMALL_ENTITIES, Setting, base_model, finetune_config, prepare
 from .training.trainer import Trainer
 from .visualize import save_selection_figure, selection_hit_rate
 
@@ -30,7 +30,6 @@ FULL = Setting()
 FULL_STEPS = 600
 QUICK = replace(Setting(), data=replace(FULL.data, products=200, val_products=100), pretrain_steps=20, model="demo")
 QUICK_STEPS = 20
-SMALL_ENTITIES = ("brand", "season")  # the details a global fine-tuning misses
 
 
 def run(args) -> dict:
@@ -60,15 +59,15 @@ def run(args) -> dict:
     e2_model, e2_bundle = models["e2"]
     n = min(200, len(val))
     images = torch.stack([e2_bundle.preprocess(val.load_image(p, 0)) for p in range(n)])
-    boxes = [val.regions(p, 0) for p in range(n)]
+    boxes, frame = [val.regions(p, 0) for p in range(n)], val.load_image(0, 0).size  # boxes in stored pixels
     table = (setting.describe() + f", {steps} fine-tuning steps per method\n\n" + report(results) + "\n\n"
-             + hit_rates(e2_model, images, boxes, val.load_image(0, 0).size))
+             + hit_rates(e2_model, images, boxes, frame))
     print(table)
     (out / "results.md").write_text(table + "\n")
     save_json(out / "results.json", results)
     bar_chart(results, out / "metrics.png")
     save_selection_figure(e2_model, images[:6], out / "selections.png", baseline=models["clip-ft"][0],
-                          boxes=boxes[:6], box_frame=val.load_image(0, 0).size)
+                          boxes=boxes[:6], box_frame=frame)
     print(f"wrote {out / 'results.md'}, {out / 'metrics.png'}, {out / 'selections.png'}, adapter in {out / 'e2' / 'best' / 'adapter'}")
     return results
 

@@ -19,6 +19,8 @@ from .zoo import create_clip
 
 # What a web caption knows: colour, garment, fabric. Never the brand or the season.
 COARSE_TEMPLATE = "{name}. {composition}"
+# The small details E2 is for (a logo plate, a season label): hit rates and region probes report these.
+SMALL_ENTITIES = ("brand", "season")
 
 
 @dataclass(frozen=True)
