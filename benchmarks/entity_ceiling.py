@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from e2_adapter.data import FashionGenH5
 from e2_adapter.data.datasets import TrainViews, collate
 from e2_adapter.experiments import Setting, add_setting_flags, base_model, prepare, setting_from_args
-from e2_adapter.training.trainer import epoch_batches
+from e2_adapter.training.trainer import epoch_batches, pick_device
 
 
 def first_view_pixels(catalogue: FashionGenH5, preprocess) -> torch.Tensor:
@@ -34,16 +34,17 @@ def first_view_pixels(catalogue: FashionGenH5, preprocess) -> torch.Tensor:
 
 
 def train_ceiling(entities: tuple[str, ...], setting: Setting, base: Path, train: FashionGenH5, val: FashionGenH5,
-                  steps: int, batch: int, seed: int) -> list[dict]:
+                  steps: int, batch: int, seed: int, device: torch.device | None = None) -> list[dict]:
     """The image tower with one linear head per entity, trained on the sum of their cross-entropies
     (one entity: the plain supervised ceiling; several: one run serves them all)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     bundle = base_model(setting, base)
-    tower = bundle.model.visual.train()
+    device = device or torch.device("cpu")
+    tower = bundle.model.visual.to(device).train()
     classes = {e: sorted(set(train.all_tags()[e])) for e in entities}
     index = {e: {c: i for i, c in enumerate(classes[e])} for e in entities}
-    heads = torch.nn.ModuleDict({e: torch.nn.Linear(tower.output_dim, len(classes[e])) for e in entities})
+    heads = torch.nn.ModuleDict({e: torch.nn.Linear(tower.output_dim, len(classes[e])) for e in entities}).to(device)
     opt = torch.optim.AdamW([{"params": tower.parameters(), "lr": 3e-4}, {"params": heads.parameters(), "lr": 1e-3}],
                             weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
@@ -52,8 +53,9 @@ def train_ceiling(entities: tuple[str, ...], setting: Setting, base: Path, train
     while step < steps:
         for pairs in epoch_batches(len(train), train, batch, seed, epoch):
             b = collate([views[k] for k in pairs])
-            features = tower(b["image"])
-            losses = {e: F.cross_entropy(heads[e](features), torch.tensor([index[e][t] for t in b["tags"][e]]))
+            features = tower(b["image"].to(device))
+            losses = {e: F.cross_entropy(heads[e](features),
+                                         torch.tensor([index[e][t] for t in b["tags"][e]], device=device))
                       for e in entities}
             opt.zero_grad()
             sum(losses.values()).backward()
@@ -66,15 +68,16 @@ def train_ceiling(entities: tuple[str, ...], setting: Setting, base: Path, train
     tower.eval()
     with torch.no_grad():
         pixels = first_view_pixels(val, bundle.preprocess)
-        features = torch.cat([tower(chunk) for chunk in pixels.split(128)])
+        features = torch.cat([tower(chunk.to(device)) for chunk in pixels.split(128)])
     seconds = round(time.perf_counter() - start, 1)
     rows = []
     for e in entities:
-        pred = heads[e](features).argmax(-1)
+        pred = heads[e](features).argmax(-1).cpu()
         truth = torch.tensor([index[e].get(t, -1) for t in val.all_tags()[e]])
         rows.append({"entity": e, "trained_with": list(entities), "seed": seed,
                      "val_accuracy": 100 * (pred == truth).float().mean().item(), "chance": 100 / len(classes[e]),
-                     "final_train_loss": losses[e].item(), "steps": steps, "seconds": seconds})
+                     "final_train_loss": losses[e].item(), "steps": steps, "seconds": seconds,
+                     "device": str(device)})
     return rows
 
 
@@ -120,6 +123,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     add_setting_flags(p)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (fp32 on any device)")
     p.add_argument("--table", nargs="+", type=Path, metavar="DIR",
                    help="only print the calibration table of these prepared folders")
     args = p.parse_args(argv)
@@ -131,10 +135,11 @@ def main(argv=None) -> None:
     setting = setting_from_args(args)
     train_path, val_path, base = prepare(setting, out, args.prepared)
     train, val = FashionGenH5(train_path), FashionGenH5(val_path)
+    device = pick_device(args.device)
     groups = [tuple(args.entities)] if args.joint else [(e,) for e in args.entities]
     for entities in groups:
         for seed in args.seeds:
-            for row in train_ceiling(entities, setting, base, train, val, args.steps, args.batch_size, seed):
+            for row in train_ceiling(entities, setting, base, train, val, args.steps, args.batch_size, seed, device):
                 print(json.dumps(row), flush=True)
                 with open(out / "ceiling.jsonl", "a") as f:  # kept as each run ends
                     f.write(json.dumps(row) + "\n")

@@ -8,6 +8,7 @@ runs differ only in the method/ablation. Prints mean ± std per cell (markdown) 
     python benchmarks/fashionsynth.py --out runs/bench --seeds 0 1 2 --steps 600
     python benchmarks/fashionsynth.py --variants clip-ft e2 --batch-sizes 32 64     # batch sweep
     python benchmarks/fashionsynth.py --merge runs/bench-a runs/bench-b --out runs/bench  # join parallel runs
+    python benchmarks/fashionsynth.py --out runs/world --prepare-only [setting flags]  # data + base only
     python benchmarks/fashionsynth.py --figures runs/bench-a runs/bench-b --out runs/figs [setting flags]
 
 For wrapped (E2) models it also measures where the selection tokens look: the share of each entity's
@@ -185,6 +186,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
                    help="only join these earlier --out folders' results.json into --out")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only write the data and pre-train the base into --out (for later --prepared runs)")
     p.add_argument("--figures", nargs="+", type=Path, metavar="DIR",
                    help="only draw the selections of these earlier --out folders' E2 runs (their best "
                         "checkpoints) into --out, on the validation data of the setting flags / --prepared")
@@ -198,6 +201,8 @@ def main(argv=None) -> None:
     if args.figures:
         return figures(args.figures, prepare(setting, args.prepared or args.figures[0], args.prepared)[1], out)
     *data, base = prepare(setting, out, args.prepared)
+    if args.prepare_only:
+        return print(f"prepared {out}: {setting.describe()}")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     header = f"{setting.describe()}, {args.steps} fine-tuning steps; machine: {machine}"
     runs, curves, done = load_finished(out, args.steps)
