@@ -22,9 +22,17 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def _logits(rows: torch.Tensor, columns: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale) * cos(rows, columns)`` [R, C], in fp32 also inside ``torch.autocast``: its fp16
+    matmul would give fp16 logits, which the -1e9 masks below overflow (every E2 run under fp16 AMP on
+    CUDA crashed there) and whose log-sum-exps lose precision."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return logit_scale.exp().float() * _normalize(rows) @ _normalize(columns).t()
+
+
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE; row i of ``image`` and ``text`` is a positive pair."""
-    logits = logit_scale.exp().float() * _normalize(image) @ _normalize(text).t()
+    logits = _logits(image, text, logit_scale)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
@@ -41,7 +49,7 @@ def _sigmoid_pairs(rows: torch.Tensor, columns: torch.Tensor, positive_column: t
                    logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
     """Summed pairwise sigmoid loss of ``rows`` [R, D] against ``columns`` [C, D]; row r's one
     positive is column ``positive_column[r]``, every other pair is a negative."""
-    logits = logit_scale.exp().float() * _normalize(rows) @ _normalize(columns).t() + logit_bias.float()
+    logits = _logits(rows, columns, logit_scale) + logit_bias.float()
     labels = 2 * F.one_hot(positive_column.to(logits.device), columns.shape[0]).to(logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum()
 
@@ -78,7 +86,7 @@ def region_loss(region: torch.Tensor, value_ids: torch.Tensor, value_text: torch
     that puts every image of a brand on the brand's text reaches zero loss.
     """
     value_ids = value_ids.to(region.device)
-    logits = logit_scale.exp().float() * _normalize(region) @ _normalize(value_text).t()  # [B, U]
+    logits = _logits(region, value_text, logit_scale)                          # [B, U]
     image_to_value = F.cross_entropy(logits, value_ids)
     scores = logits.t()                                                         # [U, B]
     positive = F.one_hot(value_ids, value_text.shape[0]).t().bool()           # [U, B]
@@ -131,11 +139,9 @@ def _weighted_total(parts: dict[str, torch.Tensor], global_weight: float, region
 def clip_loss_share(image: torch.Tensor, text: torch.Tensor, rows: slice, logit_scale: torch.Tensor) -> torch.Tensor:
     """This process's part of ``clip_loss(image, text)``: its ``rows`` of the [B, D] gathered batch
     scored against all B columns (labels offset by the rows' start)."""
-    img, txt = _normalize(image), _normalize(text)
-    scale = logit_scale.exp().float()
-    labels = torch.arange(rows.start, rows.stop, device=img.device)
-    image_to_text = F.cross_entropy(scale * img[rows] @ txt.t(), labels, reduction="sum")
-    text_to_image = F.cross_entropy(scale * txt[rows] @ img.t(), labels, reduction="sum")
+    labels = torch.arange(rows.start, rows.stop, device=image.device)
+    image_to_text = F.cross_entropy(_logits(image[rows], text, logit_scale), labels, reduction="sum")
+    text_to_image = F.cross_entropy(_logits(text[rows], image, logit_scale), labels, reduction="sum")
     return (image_to_text + text_to_image) / (2 * image.shape[0])
 
 
@@ -146,11 +152,10 @@ def region_loss_share(region: torch.Tensor, value_ids: torch.Tensor, value_text:
     image -> value for its own rows; value -> image for the positives among its own rows, each against
     the value's negatives in the whole batch and weighted by the value's positive count in the whole batch."""
     value_ids = value_ids.to(region.device)
-    reg, txt = _normalize(region), _normalize(value_text)
-    scale = logit_scale.exp().float()
     n_rows, n_values = region.shape[0], value_text.shape[0]
-    image_to_value = F.cross_entropy(scale * reg[rows] @ txt.t(), value_ids[rows], reduction="sum") / n_rows
-    scores = scale * txt @ reg.t()                                              # [U, B]
+    image_to_value = F.cross_entropy(_logits(region[rows], value_text, logit_scale), value_ids[rows],
+                                     reduction="sum") / n_rows
+    scores = _logits(value_text, region, logit_scale)                          # [U, B]
     positive = F.one_hot(value_ids, n_values).t().bool()                       # [U, B]
     negatives = torch.logsumexp(scores.masked_fill(positive, -1e9), dim=1, keepdim=True)
     mine = scores[:, rows]

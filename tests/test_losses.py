@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -54,3 +55,30 @@ def test_region_loss_is_zero_with_zero_gradient_when_one_value_covers_the_batch(
     loss.backward()
     assert abs(loss.item()) < 1e-6
     assert torch.equal(region.grad, torch.zeros_like(region))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_loss_is_fp32_inside_autocast(dtype):
+    """AMP training calls the losses inside torch.autocast with half-precision embeddings. Found on a GPU:
+    fp16 autocast made the region logits fp16 and the -1e9 mask overflowed (every E2 run under fp16 AMP
+    crashed). Every loss, and every multi-process share, must give the fp32 value of the same inputs."""
+    from e2_adapter import losses
+    torch.manual_seed(0)
+    img, txt = (torch.randn(6, 16).to(dtype) for _ in range(2))
+    region, values = torch.randn(6, 16).to(dtype), torch.randn(3, 16).to(dtype)
+    ids, scale, bias, rows = torch.tensor([0, 1, 2, 0, 0, 1]), torch.tensor(math.log(100.0)), torch.tensor(-2.0), slice(2, 5)
+    calls = {
+        "clip": lambda: losses.clip_loss(img, txt, scale),
+        "sigmoid": lambda: losses.sigmoid_loss(img, txt, scale, bias),
+        "region": lambda: losses.region_loss(region, ids, values, scale),
+        "sigmoid region": lambda: losses.sigmoid_region_loss(region, ids, values, scale, bias),
+        "clip share": lambda: losses.clip_loss_share(img, txt, rows, scale),
+        "region share": lambda: losses.region_loss_share(region, ids, values, rows, scale),
+        "e2": lambda: losses.e2_loss(img, txt, {"brand": region}, {"brand": ids}, {"brand": values}, scale)["loss"],
+    }
+    for name, call in calls.items():
+        fp32 = call()
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = call()
+        assert mixed.dtype == torch.float32, name
+        assert torch.allclose(mixed, fp32, rtol=1e-6, atol=1e-6), (name, mixed.item(), fp32.item())

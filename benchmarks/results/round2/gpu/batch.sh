@@ -38,9 +38,9 @@ while read -r kind w rest; do
   n=$((n + 1)); set -- $rest
   case $kind in
     run) v=$1; s=$2; shift 2
-         echo "python3 benchmarks/fashionsynth.py --out $root/$w/r$n-$v-s$s --prepared $root/$w --variants $v --seeds $s --steps 1000 --threads 1 ${flags[$w]} $* > $root/$w/r$n-$v-s$s.log 2>&1; echo \"\$(date +%T) done r$n $w $v $s rc=\$?\"" >> $root/commands ;;
-    ceiling) echo "python3 benchmarks/entity_ceiling.py --out $root/$w/c$n --prepared $root/$w --joint --entities brand season --steps 1000 --device auto --threads 1 ${flags[$w]} $* > $root/$w/c$n.log 2>&1; echo \"\$(date +%T) done c$n $w ceiling rc=\$?\"" >> $root/commands ;;
-    cmd) echo "$rest > $root/$w.log 2>&1; echo \"\$(date +%T) done $w rc=\$?\"" >> $root/commands ;;
+         echo "python3 benchmarks/fashionsynth.py --out $root/$w/r$n-$v-s$s --prepared $root/$w --variants $v --seeds $s --steps 1000 --threads 1 ${flags[$w]} $* > $root/$w/r$n-$v-s$s.log 2>&1; rc=\$?; echo \"\$(date +%T) done r$n $w $v $s rc=\$rc\"" >> $root/commands ;;
+    ceiling) echo "python3 benchmarks/entity_ceiling.py --out $root/$w/c$n --prepared $root/$w --joint --entities brand season --steps 1000 --device auto --threads 1 ${flags[$w]} $* > $root/$w/c$n.log 2>&1; rc=\$?; echo \"\$(date +%T) done c$n $w ceiling rc=\$rc\"" >> $root/commands ;;
+    cmd) echo "$rest > $root/$w.log 2>&1; rc=\$?; echo \"\$(date +%T) done $w rc=\$rc\"" >> $root/commands ;;
   esac
 done < $jobs
 left=$(( deadline - ($(date +%s) - start) ))
