@@ -1,6 +1,8 @@
 """Drop-in for the real pipelines: half-precision CLIPs as their own converters leave them,
 DataParallel replicas, and vendored copies of OpenAI's clip package."""
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -337,3 +339,32 @@ def test_every_pipeline_entry_point_runs_a_low_precision_or_replicated_wrapped_m
     for what, value in actual.items():
         assert value.shape == expected[what].shape and torch.isfinite(value).all(), what
         assert_close_relative(value, expected[what], tol, what)
+
+
+# --- training half-precision weights (clip.load on CUDA hands them over in fp16) ---------------------
+
+@pytest.mark.parametrize("family,convert", [("openai", openai_fp16), ("open_clip", open_clip_lp(torch.bfloat16))])
+def test_half_precision_weights_train_as_fp32_masters(family, convert, fashionsynth, tmp_path, one_thread):
+    """On a GPU, E2 training of an fp16 ``clip.load`` model stopped at "Attempting to unscale FP16
+    gradients" (benchmarks/gpu_check.py): the optimizer and the fp16 GradScaler need fp32 parameters.
+    The trainer keeps fp32 masters (autocast still computes in half) and says so."""
+    from e2_adapter.data import FashionGenH5
+    from e2_adapter.training.config import TrainConfig
+    from e2_adapter.training.trainer import Trainer
+    from e2_adapter.zoo import create_clip
+    train, _ = fashionsynth(products=64, val_products=24, seed=0, image_size=32)
+    bundle = create_clip(family, "tiny", seed=0)
+    convert(bundle.model)
+    cfg = TrainConfig(method="e2", batch_size=16, stage1_steps=1, stage2_steps=2, warmup_steps=1, amp="bf16",
+                      log_every=1)
+    with pytest.warns(UserWarning, match="half precision: training them as fp32"):
+        trainer = Trainer(bundle.model, bundle.tokenizer, bundle.preprocess, FashionGenH5(train), None, cfg,
+                          tmp_path, family, progress=False)
+    adapter = e2_adapter.get_adapter(trainer.model)
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    trainer.fit()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert any(not torch.equal(before[k], v) for k, v in adapter.state_dict().items())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(math.isfinite(v) for v in losses)

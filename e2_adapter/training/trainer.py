@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,17 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, family: str) -> nn.Module:
                              "set lora_targets (--lora-targets)")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=targets))
     return model
+
+
+def fp32_master_weights(model: nn.Module) -> bool:
+    """Half-precision weights (``clip.load`` on CUDA, open_clip's ``convert_weights_to_lp``) are trained
+    as fp32 master weights: autocast still computes in half precision, but AdamW's update and the fp16
+    GradScaler's unscale need fp32 parameters (on a GPU: "Attempting to unscale FP16 gradients").
+    Returns whether anything was cast; the saved adapter and model are then fp32."""
+    if all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return False
+    model.float()
+    return True
 
 
 def stages_for(cfg: TrainConfig, steps_per_epoch: int, has_adapter: bool) -> list[Stage]:
@@ -257,6 +269,9 @@ class Trainer:
                              f"x --grad-accum {cfg.grad_accum}); lower either")
         torch.manual_seed(cfg.seed)
         self.model = prepare_model(model, cfg, family).to(self.device)
+        if fp32_master_weights(self.model):
+            warnings.warn("the model's weights are half precision: training them as fp32 (autocast, --amp, "
+                          "keeps the compute in half precision)", stacklevel=2)
         self.objective = ContrastiveObjective(self.model, cfg, tokenizer)
         # An epoch is a whole number of optimizer steps of grad_accum batches each.
         self.steps_per_epoch = max(len(train) // cfg.batch_size // cfg.grad_accum, 1)
