@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call: prepare the worlds, then run the job list with N parallel workers until a deadline,
+# One device call: prepare the worlds (and smoke-test every variant meanwhile), then run the job list with N parallel workers until a deadline,
 # syncing every finished result into $OUT as it lands (what ends unfinished is lost with the machine).
 # usage: batch.sh JOBS WORKERS DEADLINE_S
 #   JOBS lines: "world NAME SETTING-FLAGS..." | "run WORLD VARIANT SEED [EXTRA FLAGS]" | "ceiling WORLD [EXTRA FLAGS]"
@@ -27,6 +27,20 @@ for w in "${!flags[@]}"; do
   python3 benchmarks/fashionsynth.py --out $root/$w --prepare-only ${flags[$w]} > $root/prep-$w.log 2>&1 &
   preps+=($!)
 done
+# 0. meanwhile a smoke run of every variant in the list (4 steps, a tiny world): a variant that crashes
+#    stops the call here instead of failing each of its jobs after the long preparation
+tiny="--model small --products 64 --val-products 32 --pretrain-steps 4"
+python3 benchmarks/fashionsynth.py --out $root/smoke --prepare-only $tiny > $root/smoke.log 2>&1 || { cat $root/smoke.log; exit 1; }
+declare -A smokes
+for v in $(awk '$1 == "run" {print $3}' $jobs | sort -u); do
+  python3 benchmarks/fashionsynth.py --out $root/smoke/$v --prepared $root/smoke --variants $v --seeds 0 --steps 4 $tiny \
+      > $root/smoke/$v.log 2>&1 &
+  smokes[$v]=$!
+done
+for v in "${!smokes[@]}"; do
+  wait ${smokes[$v]} || { echo "smoke run of $v failed:"; tail -5 $root/smoke/$v.log; kill "${preps[@]}" 2>/dev/null; exit 1; }
+done
+echo "smoke runs passed (${!smokes[*]}) after $(( $(date +%s) - start )) s"
 wait "${preps[@]}"  # not the syncer
 for w in "${!flags[@]}"; do
   tail -1 $root/prep-$w.log; [ -s $root/$w/base.pt ] || { cat $root/prep-$w.log; sync_out; exit 1; }
