@@ -289,8 +289,9 @@ def test_a_model_without_clip_structure_is_still_refused():
 # --- bf16 autocast at step 0 (clip_benchmark's default --amp) ---------------------------------------
 
 def test_bf16_autocast_step_0_wrapped_equals_unwrapped_to_bf16_rounding(family, one_thread):
-    """Measured (README): wrapped and unwrapped under the same bf16 autocast differ by 0 on these tiny
-    models; both differ from fp32 by bf16's rounding (1.3-2.6e-2 on embeddings of magnitude ~3)."""
+    """Under the same bf16 autocast the wrapped model is as close to the fp32 embedding as the base is
+    (README: identical on an AMD EPYC; on an Intel Xeon with AMX they differ by 0.4-0.8% of the largest
+    magnitude, as much as each differs from fp32: the bf16 kernels round a longer sequence differently)."""
     base = make_tiny(family)
     wrapped = e2_adapter.wrap(copy.deepcopy(base), preset="gated")  # starts where the base is
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -299,8 +300,9 @@ def test_bf16_autocast_step_0_wrapped_equals_unwrapped_to_bf16_rounding(family, 
         fp32 = encode(base)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             a, b = encode(wrapped), encode(base)
-    assert_close_relative(a, b, 2 ** -8, "bf16 autocast, wrapped vs unwrapped")
     assert_close_relative(b, fp32, 2e-2, "bf16 autocast vs fp32")  # the rounding the README states
+    assert_close_relative(a, fp32, 2e-2, "wrapped under bf16 autocast vs fp32")
+    assert_close_relative(a, b, 2 * 2e-2, "bf16 autocast, wrapped vs unwrapped")  # two such roundings
 
 
 # Each pipeline's own entry point into the encoder: DeCap and CapDec embed through the captioning
