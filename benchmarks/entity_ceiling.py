@@ -34,13 +34,12 @@ def first_view_pixels(catalogue: FashionGenH5, preprocess) -> torch.Tensor:
 
 
 def train_ceiling(entities: tuple[str, ...], setting: Setting, base: Path, train: FashionGenH5, val: FashionGenH5,
-                  steps: int, batch: int, seed: int, device: torch.device | None = None) -> list[dict]:
+                  steps: int, batch: int, seed: int, device: torch.device = torch.device("cpu")) -> list[dict]:
     """The image tower with one linear head per entity, trained on the sum of their cross-entropies
     (one entity: the plain supervised ceiling; several: one run serves them all)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     bundle = base_model(setting, base)
-    device = device or torch.device("cpu")
     tower = bundle.model.visual.to(device).train()
     classes = {e: sorted(set(train.all_tags()[e])) for e in entities}
     index = {e: {c: i for i, c in enumerate(classes[e])} for e in entities}

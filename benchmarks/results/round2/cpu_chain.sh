@@ -1,7 +1,7 @@
 #!/bin/bash
 # One world on one core: its data and base, then fine-tuning runs in the order given, into one --out
 # (results.json gains a row as each run ends; rerunning the same command resumes a stopped run).
-# usage: cpu_chain.sh NAME "VARIANT:SEED ..." WORLD-FLAGS...   (code from the frozen worktree /work/benchwt)
+# usage: cpu_chain.sh NAME "VARIANT:SEED ..." WORLD-FLAGS...   (code from a frozen worktree: git worktree add /work/benchwt HEAD)
 name=$1; runs=$2; shift 2
 cd /work/benchwt
 export PYTHONPATH=/work/benchwt OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

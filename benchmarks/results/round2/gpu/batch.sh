@@ -27,7 +27,7 @@ for w in "${!flags[@]}"; do
   python3 benchmarks/fashionsynth.py --out $root/$w --prepare-only ${flags[$w]} > $root/prep-$w.log 2>&1 &
   preps+=($!)
 done
-# 0. meanwhile a smoke run of every variant in the list (4 steps, a tiny world): a variant that crashes
+# 2. meanwhile a smoke run of every variant in the list (4 steps, a tiny world): a variant that crashes
 #    stops the call here instead of failing each of its jobs after the long preparation
 tiny="--model small --products 64 --val-products 32 --pretrain-steps 4"
 python3 benchmarks/fashionsynth.py --out $root/smoke --prepare-only $tiny > $root/smoke.log 2>&1 || { cat $root/smoke.log; exit 1; }
@@ -43,10 +43,10 @@ done
 echo "smoke runs passed (${!smokes[*]}) after $(( $(date +%s) - start )) s"
 wait "${preps[@]}"  # not the syncer
 for w in "${!flags[@]}"; do
-  tail -1 $root/prep-$w.log; [ -s $root/$w/base.pt ] || { cat $root/prep-$w.log; sync_out; exit 1; }
+  tail -1 $root/prep-$w.log; [ -s $root/$w/base.pt ] || { cat $root/prep-$w.log; exit 1; }  # the EXIT trap syncs
 done
 echo "prepared after $(( $(date +%s) - start )) s"
-# 2. the jobs, in file order, WORKERS at a time
+# 3. the jobs, in file order, WORKERS at a time
 n=0; : > $root/commands
 while read -r kind w rest; do
   n=$((n + 1)); set -- $rest
