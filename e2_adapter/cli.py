@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="fine-tuning steps per method (default: 300; --quick: 20)")
+    p.add_argument("--workers", type=int, help="methods fine-tuned at a time, one process each "
+                   "(default: 2 where there are 2 cores)")
     p.set_defaults(func=cmd_demo)
 
     add_product_parsers(sub)

@@ -36,5 +36,5 @@ def test_demo_quick_writes_the_comparison_hit_rates_figures_and_adapter(tmp_path
     table = (tmp_path / "results.md").read_text()
     assert "| clip-ft |" in table and "| e2 |" in table
     assert "E2's brand tokens pick a patch on the brand region" in table and "picks at random" in table
-    for name in ("metrics.png", "selections.png", "results.json", "e2/best/adapter"):
+    for name in ("metrics.png", "selections.png", "results.json", "e2/best/adapter", "e2/final", "clip-ft/final"):
         assert (tmp_path / name).exists(), name
