@@ -38,7 +38,11 @@ METHODS = ("clip-ft", "e2")
 
 def run(args) -> dict:
     setting, steps = (QUICK, QUICK_STEPS) if args.quick else (FULL, FULL_STEPS)
-    steps = getattr(args, "steps", None) or steps
+    steps = steps if getattr(args, "steps", None) is None else args.steps
+    workers = getattr(args, "workers", None)
+    workers = min(len(METHODS), os.cpu_count() or 1) if workers is None else workers
+    if workers < 1 or steps < 1:  # checked before minutes of pre-training, not after
+        raise SystemExit(f"--workers and --steps must be at least 1 (got {workers}, {steps})")
     setting = replace(setting, data=replace(setting.data, seed=args.seed))
     batch = 32 if args.quick else 64
     out = Path(args.out)
@@ -46,9 +50,6 @@ def run(args) -> dict:
           f"({setting.pretrain_steps} steps, cached in {out / 'base.pt'})")
     prepared = prepare(setting, out)
 
-    workers = getattr(args, "workers", None) or min(len(METHODS), os.cpu_count() or 1)
-    if workers < 1 or steps < 1:
-        raise SystemExit(f"--workers and --steps must be at least 1 (got {workers}, {steps})")
     print(f"[3/4] fine-tuning {' and '.join(METHODS)} from the same base ({steps} steps each, "
           f"{workers} at a time)")
     jobs = [(setting, prepared, method, steps, args.seed, batch, out, workers) for method in METHODS]
