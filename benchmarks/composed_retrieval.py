@@ -33,24 +33,8 @@ import torch
 from integrations.cir.cirevl import CaptionStore, evaluate_cirevl, load_captions
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec, import_object
 from integrations.cir.fashioniq import DEFAULT_KS, FashionIQ, markdown_table
-from integrations.cir.pic2word import (MapperConfig, PseudoWordMapper, embed_product_images, embed_folder,
-                                       evaluate_pic2word, train_mapper)
+from integrations.cir.pic2word import PseudoWordMapper, evaluate_pic2word, train_encoder_mapper
 from integrations.cir.synthetic import build_synthetic_cir, rewriter_for
-from integrations.cir.text_injection import token_width
-
-
-def train_encoder_mapper(bundle, train_source, steps: int, batch_size: int, seed: int, cache_dir=None,
-                         hidden_dim: int = 2048) -> PseudoWordMapper:
-    """Pic2Word's phi for one encoder (each encoder needs its own: its towers define the spaces)."""
-    if isinstance(train_source, FashionIQ):
-        embeddings = embed_folder(bundle.model, bundle.preprocess, train_source, cache_dir=cache_dir)
-    else:
-        from e2_adapter.data import FashionGenH5
-        embeddings = embed_product_images(bundle.model, bundle.preprocess, FashionGenH5(train_source), cache_dir=cache_dir)
-    config = MapperConfig(input_dim=embeddings.shape[1], output_dim=token_width(bundle.model), hidden_dim=hidden_dim)
-    mapper, _ = train_mapper(bundle.model, bundle.tokenizer, embeddings, config, steps=steps,
-                             batch_size=batch_size, seed=seed)
-    return mapper
 
 
 def run_benchmark(encoders: dict, data: str | Path, *, split: str = "val", methods=("cirevl", "pic2word"),

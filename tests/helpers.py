@@ -1,9 +1,10 @@
-"""Shared test code that is not a fixture: a stand-in class, an assertion helper, and the plain
+"""Shared test code that is not a fixture: stand-in classes (a bag-of-words CLIP), an assertion helper, and the plain
 builders behind conftest's factory fixtures (kept importable for files that still import them)."""
 import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,3 +60,28 @@ def assert_swap_touches_no_weights(decoder: nn.Module, caption, encoders, images
         assert torch.equal(v, saved_decoder[k]), k
     for m, saved in zip(encoders, saved_encoders):
         assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())
+
+
+class BagOfWords(torch.nn.Module):
+    """A fake CLIP whose image embedding is the bag of words of its product's oracle caption, so a
+    perfect rewrite ranks the target first: checks the retrieval plumbing, not a model."""
+
+    def __init__(self, tokenizer, captions_by_pixels):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(49408, 4)
+        self.tokenizer, self.captions_by_pixels = tokenizer, captions_by_pixels
+
+    def bag(self, tokens, size=4099):
+        # Hashed bag of words: the target's bag equals a perfect rewrite's, so its cosine is 1.
+        keep = (tokens > 0) & (tokens < 49406)
+        return torch.zeros(len(tokens), size).scatter_add_(1, (tokens % size) * keep, keep.float())
+
+    def encode_text(self, tokens):
+        return self.bag(tokens)
+
+    def encode_image(self, images):
+        return self.bag(self.tokenizer([self.captions_by_pixels[im.numpy().tobytes()] for im in images]))
+
+
+def pixels(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())

@@ -1,7 +1,6 @@
 """FashionIQ layout loader, the synthetic composed-retrieval builder, caches, and the CLI end to end."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +10,8 @@ from integrations.cir.cli import main as cir_main
 from integrations.cir.fashioniq import FashionIQ
 from integrations.cir.rewriter import ATTRIBUTES
 from integrations.cir.synthetic import build_synthetic_cir, load_edits, rewriter_for
+
+from helpers import BagOfWords, pixels
 
 
 # -- a hand-written FashionIQ folder ---------------------------------------------------------------
@@ -116,31 +117,6 @@ def test_oracle_rewrites_reach_the_target_caption(synth):
     for category in ("colour", "brand", "subcategory"):
         for t in ds.triplets(category):
             assert rw(captions[t.reference], t.modification).lower() == captions[t.target].lower()
-
-
-class BagOfWords(torch.nn.Module):
-    """A fake CLIP whose image embedding is the bag of words of its product's oracle caption, so a
-    perfect rewrite ranks the target first: checks the retrieval plumbing, not a model."""
-
-    def __init__(self, tokenizer, captions_by_pixels):
-        super().__init__()
-        self.token_embedding = torch.nn.Embedding(49408, 4)
-        self.tokenizer, self.captions_by_pixels = tokenizer, captions_by_pixels
-
-    def bag(self, tokens, size=4099):
-        # Hashed bag of words: the target's bag equals a perfect rewrite's, so its cosine is 1.
-        keep = (tokens > 0) & (tokens < 49406)
-        return torch.zeros(len(tokens), size).scatter_add_(1, (tokens % size) * keep, keep.float())
-
-    def encode_text(self, tokens):
-        return self.bag(tokens)
-
-    def encode_image(self, images):
-        return self.bag(self.tokenizer([self.captions_by_pixels[im.numpy().tobytes()] for im in images]))
-
-
-def pixels(image):
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
 
 def test_cirevl_ranks_targets_first_with_a_perfect_encoder(synth, tmp_path):

@@ -362,6 +362,20 @@ def embed_folder(model: nn.Module, preprocess: Callable, dataset: FashionIQ, cac
     return images(names)
 
 
+def train_encoder_mapper(bundle, train_source, steps: int, batch_size: int, seed: int, cache_dir=None,
+                         hidden_dim: int = 2048) -> PseudoWordMapper:
+    """Pic2Word's phi for one encoder (each encoder needs its own: its towers define the spaces)."""
+    if isinstance(train_source, FashionIQ):  # a FashionIQ split's images, else a FashionGen-layout h5
+        embeddings = embed_folder(bundle.model, bundle.preprocess, train_source, cache_dir=cache_dir)
+    else:
+        from e2_adapter.data import FashionGenH5
+        embeddings = embed_product_images(bundle.model, bundle.preprocess, FashionGenH5(train_source), cache_dir=cache_dir)
+    config = MapperConfig(input_dim=embeddings.shape[1], output_dim=token_width(bundle.model), hidden_dim=hidden_dim)
+    mapper, _ = train_mapper(bundle.model, bundle.tokenizer, embeddings, config, steps=steps,
+                             batch_size=batch_size, seed=seed)
+    return mapper
+
+
 def __getattr__(name: str):
     # The old name of embed_product_images; it clashed with e2_adapter.evaluation.embed.embed_catalogue.
     if name == "embed_catalogue":
