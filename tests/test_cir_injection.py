@@ -95,6 +95,19 @@ def test_mapper_trains_and_round_trips(bundle, tmp_path):
         PseudoWordMapper.load(tmp_path / "nowhere")
 
 
+def test_mapper_seed_alone_decides_the_trained_mapper(bundle):
+    """The global RNG state before the call (e.g. other models created first) must not change it."""
+    embeddings = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    config = MapperConfig(input_dim=64, output_dim=token_width(bundle.model), hidden_dim=32)
+    runs = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 1)):
+        torch.manual_seed(global_seed)
+        mapper, _ = train_mapper(bundle.model, bundle.tokenizer, embeddings, config, steps=2, batch_size=16, seed=seed)
+        runs.append(mapper.state_dict())
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+    assert not all(torch.equal(v, runs[2][k]) for k, v in runs[0].items())
+
+
 def test_mapper_config_validates_prompts():
     with pytest.raises(ValueError, match="placeholder"):
         MapperConfig(64, 64, train_prompt="a photo of")

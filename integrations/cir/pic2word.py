@@ -208,6 +208,7 @@ def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor
     if image_embeddings.dim() != 2 or len(image_embeddings) < 2:
         raise ValueError(f"need image embeddings [N >= 2, D], got shape {tuple(image_embeddings.shape)}")
     device = model_device(model)
+    torch.manual_seed(seed)  # a new mapper's initial weights, and dropout masks: ``seed`` decides the run
     if mapper is None:
         config = config or MapperConfig(input_dim=image_embeddings.shape[1], output_dim=token_width(model))
         mapper = PseudoWordMapper(config)
@@ -221,7 +222,6 @@ def train_mapper(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor
     scale = logit_scale_of(model)
 
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout masks
     mapper.to(device).train()
     if weight_decay is None:
         weight_decay = 0.1 if config.activation == "relu" else 0.01

@@ -240,6 +240,7 @@ def distill_mapper(model: nn.Module, tokenizer: Tokenizer, image_embeddings: tor
     if len(image_embeddings) < 2:
         raise ValueError("distillation needs at least 2 images (the contrastive term compares a batch)")
     device = model_device(model)
+    torch.manual_seed(seed)  # a new mapper's initial weights: ``seed`` decides the run, not the caller's RNG
     if mapper is None:
         config = config or MapperConfig.for_style("searle", input_dim=image_embeddings.shape[1],
                                                   output_dim=token_width(model))
