@@ -40,17 +40,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from integrations.cir.cirevl import ImageFeatures, encode_texts
+from integrations.cir.cirevl import ImageFeatures, encode_texts, load_captions
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec
 from integrations.cir.fashioniq import FashionIQ, Triplet, recall_at_k, target_ranks
 from integrations.cir.pic2word import Pic2Word, train_encoder_mapper
 from integrations.cir.synthetic import rewriter_for, safe_image_name
 
 # query text from (reference product, target product, modification, rewriter); products are the
-# builder's products.{split}.json rows (title, brand, fabric, text, ...)
+# builder's products.{split}.json rows (title, brand, fabric, text, ...) with their oracle captions
 QUERIES: dict[str, Callable[[dict, dict, str, Callable], str]] = {
-    "rewritten": lambda ref, tgt, mod, rw: rw(f"{ref['title']} by {ref['brand']}, {ref['fabric']}", mod),
-    "target caption": lambda ref, tgt, mod, rw: f"{tgt['title']} by {tgt['brand']}, {tgt['fabric']}",
+    "rewritten": lambda ref, tgt, mod, rw: rw(ref["oracle caption"], mod),
+    "target caption": lambda ref, tgt, mod, rw: tgt["oracle caption"],
     "title + brand": lambda ref, tgt, mod, rw: f"{tgt['title']} by {tgt['brand']}",
     "title + fabric": lambda ref, tgt, mod, rw: f"{tgt['title']}, {tgt['fabric']}",
     "title": lambda ref, tgt, mod, rw: tgt["title"],
@@ -62,12 +62,15 @@ NEEDS_CATALOGUE = ("tuned text", "rewritten tuned")
 
 
 def load_products(root: Path, split: str, catalogue: Optional[str] = None) -> dict:
-    """The set's products; with ``catalogue`` (the h5 the set was built from) each also gets its
-    "tuned text", the catalogue's text in the library's default (fine-tuning) template."""
+    """The set's products with their "oracle caption" (CIReVL's, from the set); with ``catalogue``
+    (the h5 the set was built from) each also gets its "tuned text", the catalogue's text in the
+    library's default (fine-tuning) template."""
     path = root / f"products.{split}.json"
     if not path.is_file():
         raise SystemExit(f"{path} not found: build the set with composed_retrieval.py --build-from first")
     products = json.loads(path.read_text())
+    for name, caption in load_captions(root / f"reference_captions.{split}.json").items():
+        products[name]["oracle caption"] = caption
     if catalogue:
         from e2_adapter.data import FashionGenH5
         h5 = FashionGenH5(catalogue)
