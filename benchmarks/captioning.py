@@ -80,7 +80,7 @@ def _as_bundle(obj):
     return obj() if callable(obj) and not hasattr(obj, "model") else obj
 
 
-def _resolve_capdec_lm(settings: Settings) -> None:
+def resolve_capdec_lm(settings: Settings) -> None:
     """"auto" becomes "gpt2" when the pretrained model loads, else "tiny" (with a note), once per run."""
     if settings.capdec_lm != "auto":
         return
@@ -94,7 +94,7 @@ def _resolve_capdec_lm(settings: Settings) -> None:
                               "used a random 4-layer GPT-2 with a word tokenizer")
 
 
-def _capdec(settings: Settings, embed_dim: int, captions: list[str], device: str) -> tuple[CapDec, float]:
+def build_capdec(settings: Settings, embed_dim: int, captions: list[str], device: str) -> tuple[CapDec, float]:
     common = dict(mapping=settings.capdec_mapping, prefix_length=settings.capdec_prefix_length,
                   mapper_layers=settings.capdec_layers, noise_variance=settings.noise_variance, stop_token=None)
     if settings.capdec_lm == "gpt2":
@@ -105,12 +105,35 @@ def _capdec(settings: Settings, embed_dim: int, captions: list[str], device: str
     return model.to(device), settings.capdec_lr or 1e-3
 
 
-def _decap(settings: Settings, embed_dim: int, captions: list[str], device: str) -> DeCap:
+def build_decap(settings: Settings, embed_dim: int, captions: list[str], device: str) -> DeCap:
     config = DeCapConfig(embed_dim, n_layer=settings.decap_layers, n_head=settings.decap_heads,
                          n_embd=settings.decap_width, max_caption_tokens=settings.decap_max_caption_tokens,
                          max_tokens=settings.decap_max_tokens)
     model = DeCap.for_captions(config, captions) if settings.decap_compact_vocab else DeCap(config)
     return model.to(device)
+
+
+def fit_capdec(settings: Settings, embeddings: torch.Tensor, bundle, captions: list[str], seed: int,
+               device: str) -> tuple[CapDec, list[float]]:
+    """A CapDec trained from ``seed`` on ``embeddings`` (row i is captions[i]'s conditioning) with
+    ``bundle``'s frozen encoder; returns it and its per-step losses."""
+    torch.manual_seed(seed)
+    model, lr = build_capdec(settings, embeddings.shape[1], captions, device)
+    losses = train_capdec(model, bundle.model, bundle.tokenizer, captions, text_embeddings=embeddings,
+                          epochs=settings.epochs, max_steps=settings.max_steps, seed=seed,
+                          batch_size=settings.capdec_batch_size, lr=lr, warmup_steps=500)
+    return model, losses
+
+
+def fit_decap(settings: Settings, text: torch.Tensor, bundle, captions: list[str], seed: int,
+              device: str) -> tuple[DeCap, list[float]]:
+    """A DeCap trained from ``seed`` on the captions' text embeddings ``text`` (also its memory)."""
+    torch.manual_seed(seed)
+    model = build_decap(settings, text.shape[1], captions, device)
+    losses = train_decap(model, bundle.model, bundle.tokenizer, captions, text_embeddings=text,
+                         epochs=settings.epochs, max_steps=settings.max_steps, seed=seed,
+                         batch_size=settings.decap_batch_size, lr=settings.decap_lr, warmup_steps=500)
+    return model, losses
 
 
 def run_benchmark(encoders: Mapping[str, object], train_h5: str | Path, val_h5: str | Path, *,
@@ -124,7 +147,7 @@ def run_benchmark(encoders: Mapping[str, object], train_h5: str | Path, val_h5: 
     """
     settings = settings or Settings()
     if "capdec" in captioners:
-        _resolve_capdec_lm(settings)
+        resolve_capdec_lm(settings)
     train = load_corpus(train_h5, settings.style)
     val = load_corpus(val_h5, settings.style, settings.max_val)
     references, tags = val.references(), val.tags()
@@ -138,19 +161,11 @@ def run_benchmark(encoders: Mapping[str, object], train_h5: str | Path, val_h5: 
         for captioner in captioners:
             for seed in seeds:
                 start = time.time()
-                torch.manual_seed(seed)
                 if captioner == "capdec":
-                    model, lr = _capdec(settings, text.shape[1], train.captions, device)
-                    losses = train_capdec(model, encoder, bundle.tokenizer, train.captions, text_embeddings=text,
-                                          epochs=settings.epochs, max_steps=settings.max_steps, seed=seed,
-                                          batch_size=settings.capdec_batch_size, lr=lr, warmup_steps=500)
+                    model, losses = fit_capdec(settings, text, bundle, train.captions, seed, device)
                     captions = model.generate(images, method=settings.capdec_method)
                 elif captioner == "decap":
-                    model = _decap(settings, text.shape[1], train.captions, device)
-                    losses = train_decap(model, encoder, bundle.tokenizer, train.captions, text_embeddings=text,
-                                         epochs=settings.epochs, max_steps=settings.max_steps, seed=seed,
-                                         batch_size=settings.decap_batch_size, lr=settings.decap_lr,
-                                         warmup_steps=500)
+                    model, losses = fit_decap(settings, text, bundle, train.captions, seed, device)
                     captions = model.generate(images)
                 else:
                     raise ValueError(f"unknown captioner {captioner!r}")
@@ -238,10 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, _, spec = item.partition("=")
         if not name or not spec:
             raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
-        encoders[name] = (lambda s=spec_from_string(spec, base): _named_bundle(s, args.device))
+        encoders[name] = (lambda s=spec_from_string(spec, base): named_bundle(s, args.device))
     if args.synth:
         from e2_adapter.data.synth import write_fashionsynth
-        size = args.synth_image_size or _named_bundle(base, "cpu").image_size
+        size = args.synth_image_size or named_bundle(base, "cpu").image_size
         out_dir = Path(args.out).parent if args.out else Path("runs")
         args.train_h5, args.val_h5 = write_fashionsynth(out_dir / "captioning_synth", products=args.synth,
                                                         val_products=max(20, args.synth // 5), image_size=size)
@@ -262,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _named_bundle(spec: dict, device: str):
+def named_bundle(spec: dict, device: str):
     from types import SimpleNamespace
     encoder, tokenizer, preprocess, _ = encoder_from_spec(spec, device)
     size = getattr(getattr(encoder, "visual", None), "image_size", None)
