@@ -35,7 +35,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark sc
 from captioning import QUICK, Settings, fit_capdec, fit_decap, named_bundle, resolve_capdec_lm  # noqa: E402
 
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
+from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
 from e2_adapter.loading import add_model_flags  # noqa: E402
 from integrations.captioning import caption_metrics, embed_images, embed_texts, entity_accuracy, load_corpus  # noqa: E402
 from integrations.captioning.cli import spec_from_string  # noqa: E402
@@ -120,22 +120,10 @@ def control_report(bundle, train, val, settings: Settings, seed: int = 0, device
 
 def aggregate_table(runs: list[dict]) -> str:
     """Mean ± std over runs (e.g. encoder seeds), a row per (condition, encoder)."""
-    encoders = list(runs[0])
-    columns = list(CAPTION_MEASURES) + list(ENTITIES)
-    lines = [f"(mean ± std over {len(runs)} runs; %, captions naming the product's tag, or probe accuracy)", "",
-             "| condition | encoder | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for condition in runs[0][encoders[0]]:
-        for encoder in encoders:
-            cells = []
-            for column in columns:
-                values = [run[encoder][condition][column] for run in runs if column in run[encoder][condition]]
-                if not values:
-                    cells.append("-")
-                    continue
-                std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-                cells.append(f"{np.mean(values):.1f} ± {std:.1f}")
-            lines.append(f"| {condition} | {encoder} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = {f"{condition} [{encoder}]": [run[encoder][condition] for run in runs]
+             for condition in runs[0][next(iter(runs[0]))] for encoder in runs[0]}
+    return ("(%: captions naming the product's tag, or the probe's accuracy; caption measures x100)\n\n"
+            + mean_std_table(cells, columns=list(CAPTION_MEASURES) + list(ENTITIES), name_header="condition [encoder]"))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

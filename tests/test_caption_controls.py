@@ -90,7 +90,7 @@ def test_aggregate_and_command_line_errors(load_benchmark, tmp_path, capsys):
                                                 "linear probe": {"brand": 60.0}}}))
     controls.main(["--aggregate", *map(str, paths)])
     out = capsys.readouterr().out
-    assert "| capdec | E2 | 30.0 ± 0.0 | 1.0 ± 0.0 | 30.0 ± 14.1 |" in out
-    assert "| linear probe | E2 | - | - | 60.0 ± 0.0 |" in out
+    assert "| capdec [E2] | 2 | 30.0 ± 0.0 | 1.0 ± 0.0 | 30.0 ± 14.1 |" in out
+    assert "| linear probe [E2] | 2 | - | - | 60.0 ± 0.0 |" in out
     with pytest.raises(SystemExit, match="no such file"):
         controls.main(["--encoder", "A=base", "--train-h5", str(tmp_path / "nope.h5"), "--val-h5", str(paths[0])])
