@@ -102,6 +102,8 @@ def control_report(bundle, dataset: FashionIQ, products: dict, rewriter, mapper=
     report: dict = {}
     for attribute in dataset.categories:
         triplets = [t for t in dataset.triplets(attribute) if t.target is not None]
+        if not triplets:  # a small catalogue may offer no pair for an attribute
+            continue
         gallery = dataset.gallery(attribute)
         index = {n: i for i, n in enumerate(gallery)}
         gallery_emb = F.normalize(images(gallery).float(), dim=-1)
@@ -121,7 +123,8 @@ def control_report(bundle, dataset: FashionIQ, products: dict, rewriter, mapper=
             report.setdefault(name, {})[attribute] = {**recall_at_k(target_ranks(scores, targets), ks),
                                                       "beats reference": beats}
     for per in report.values():
-        per["average"] = {k: float(np.mean([per[a][k] for a in dataset.categories])) for k in per[dataset.categories[0]]}
+        measures = next(iter(per.values()))
+        per["average"] = {k: float(np.mean([cell[k] for cell in per.values()])) for k in measures}
     return report
 
 

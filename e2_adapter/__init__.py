@@ -6,6 +6,7 @@
 """
 from .backends import UnsupportedModelError
 from .config import DEFAULT_ENTITIES, PRESETS, E2Config
+from .interpolate import interpolate_weights
 from .io import AdapterMismatchError, load_adapter, save_adapter
 from .loading import load_encoder
 from .pretrained import from_pretrained, save_pretrained
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "wrap", "unwrap", "is_wrapped", "E2Config", "E2Output", "encode_image_regions", "save_adapter", "load_adapter",
     "mark_only_adapter_trainable", "print_trainable_parameters", "count_parameters", "get_adapter", "get_backend",
-    "save_pretrained", "from_pretrained", "load_encoder", "classify", "tag", "build_index", "CatalogueIndex", "DEFAULT_ENTITIES", "PRESETS", "UnsupportedModelError", "AdapterMismatchError", "NotWrappedError",
+    "save_pretrained", "from_pretrained", "load_encoder", "interpolate_weights", "classify", "tag", "build_index", "CatalogueIndex", "DEFAULT_ENTITIES", "PRESETS", "UnsupportedModelError", "AdapterMismatchError", "NotWrappedError",
 ]
