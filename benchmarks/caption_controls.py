@@ -7,6 +7,8 @@ chain at a time (all on the validation products, one caption or label each):
 
     linear probe           no caption: a linear classifier on the image embedding, trained on the
                            training products' image embeddings (what the embedding holds)
+    text probe             the same on the captions' text embeddings (what the text tower keeps of a
+                           tag its caption states: all a text-only decoder can learn to write)
     nearest caption        no decoder: the training caption whose text embedding is nearest the image
                            embedding (what cross-modal similarity alone names)
     capdec                 captioning.py's CapDec (trained on noisy text embeddings), fed the image
@@ -48,7 +50,7 @@ from integrations.captioning import caption_metrics, embed_images, embed_texts, 
 from integrations.captioning.cli import spec_from_string  # noqa: E402
 from integrations.captioning.data import ENTITIES  # noqa: E402
 
-CONDITIONS = ("linear probe", "nearest caption", "capdec", "capdec, gap removed", "capdec, own text",
+CONDITIONS = ("linear probe", "text probe", "nearest caption", "capdec", "capdec, gap removed", "capdec, own text",
               "capdec on images", "decap", "decap, unprojected", "decap, own text")
 CAPTION_MEASURES = ("BLEU@4", "CIDEr")
 
@@ -94,6 +96,9 @@ def control_report(bundle, train, val, settings: Settings, seed: int = 0, device
     if "linear probe" in conditions:
         report["linear probe"] = probe_entities(train_images, _column(train.tags(), train.product_ids),
                                                 val_images, _column(tags, val.product_ids), seed=seed)
+    if "text probe" in conditions:
+        report["text probe"] = probe_entities(train_text, _column(train.tags(), train.product_ids),
+                                              val_text, _column(tags, val.product_ids), seed=seed)
     if "nearest caption" in conditions:
         score("nearest caption", [train.captions[i] for i in (val_images @ train_text.T).argmax(dim=1).tolist()])
     start = time.time()
