@@ -10,3 +10,5 @@ for s in "$@"; do
       --json $R/capctl/d1-s$s.json > $R/capctl/d1-s$s.log 2>&1
   echo "$(date +%T) capctl:$s rc=$?" >> $R/capctl/progress
 done
+# the text probe was added after these runs; it ran alone per seed (no decoders):
+#   python benchmarks/caption_controls.py ... --conditions "text probe" --json $R/capctl/d1-textprobe-s$s.json
