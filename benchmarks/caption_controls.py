@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark scripts, also when imported by a test
-from captioning import QUICK, Settings, fit_capdec, fit_decap, named_bundle, resolve_capdec_lm  # noqa: E402
+from captioning import (QUICK, Settings, add_settings_flags, fit_capdec, fit_decap, named_bundle,  # noqa: E402,F401
+                        resolve_capdec_lm, settings_from_flags)
 
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
 from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
@@ -142,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--max-val", type=int, help="caption only the first N validation products")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS, metavar="CONDITION")
     p.add_argument("--seed", type=int, default=0, help="the decoders' seed")
-    p.add_argument("--quick", action="store_true", help="captioning.py's CPU-sized decoders and 3 epochs")
+    add_settings_flags(p)  # captioning.py's --quick and --set
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--aggregate", nargs="+", metavar="JSON", help="only print mean ± std over earlier --json files")
@@ -155,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for path in (args.train_h5, args.val_h5):
         if not Path(path).is_file():
             raise SystemExit(f"{path}: no such file (a FashionGen-layout h5, e.g. a FashionSynth world's data/)")
-    settings = Settings(**(QUICK if args.quick else {}), max_val=args.max_val)
+    settings = settings_from_flags(args.quick, [*args.set, f"max_val={json.dumps(args.max_val)}"])
     resolve_capdec_lm(settings)
     train, val = load_corpus(args.train_h5, settings.style), load_corpus(args.val_h5, settings.style, args.max_val)
     base = {"family": args.family, "model": args.model, "pretrained": args.pretrained,

@@ -80,6 +80,23 @@ def _as_bundle(obj):
     return obj() if callable(obj) and not hasattr(obj, "model") else obj
 
 
+def add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="CPU-sized decoders and 3 epochs")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help=f"override a setting ({', '.join(Settings.__dataclass_fields__)})")
+
+
+def settings_from_flags(quick: bool, overrides: Sequence[str]) -> Settings:
+    """The decoders' settings: the papers' (or ``QUICK``) with each ``FIELD=VALUE`` of --set applied."""
+    settings = Settings(**(QUICK if quick else {}))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in Settings.__dataclass_fields__ or key == "notes":
+            raise SystemExit(f"--set: unknown setting {key!r}")
+        setattr(settings, key, json.loads(value) if value[:1] in "0123456789-[{tfn" else value)
+    return settings
+
+
 def resolve_capdec_lm(settings: Settings) -> None:
     """"auto" becomes "gpt2" when the pretrained model loads, else "tiny" (with a note), once per run."""
     if settings.capdec_lm != "auto":
@@ -227,9 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--synth-image-size", type=int, default=None, help="default: the base model's input size")
     p.add_argument("--captioners", nargs="+", default=["capdec", "decap"], choices=("capdec", "decap"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--quick", action="store_true", help="CPU-sized decoders and 3 epochs")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help=f"override a setting ({', '.join(Settings.__dataclass_fields__)})")
+    add_settings_flags(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write rows, summary and table as JSON here")
     args = p.parse_args(argv)
@@ -239,12 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.encoder:
         p.error("--encoder (at least one) is required unless --aggregate is given")
 
-    settings = Settings(**(QUICK if args.quick else {}))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in Settings.__dataclass_fields__ or key == "notes":
-            raise SystemExit(f"--set: unknown setting {key!r}")
-        setattr(settings, key, json.loads(value) if value[:1] in "0123456789-[{tfn" else value)
+    settings = settings_from_flags(args.quick, args.set)
 
     base = {"family": args.family, "model": args.model, "pretrained": args.pretrained,
             "image_size": args.image_size, "encoder_seed": args.encoder_seed}
