@@ -19,6 +19,7 @@ chain at a time (all on the validation products, one caption or label each):
     capdec on images       CapDec trained on the training products' image embeddings with their captions
                            (paired, ClipCap's setting, no noise): what this decoder carries with supervision
     decap                  captioning.py's DeCap: the image projected onto the training captions' memory
+    decap, gap removed     the same decoder, the image moved by the gap (as for CapDec) before the projection
     decap, unprojected     the same decoder fed the raw image embedding
     decap, own text        the same decoder fed the product's own caption's text embedding
 
@@ -52,7 +53,8 @@ from integrations.captioning.cli import spec_from_string  # noqa: E402
 from integrations.captioning.data import ENTITIES  # noqa: E402
 
 CONDITIONS = ("linear probe", "text probe", "nearest caption", "capdec", "capdec, gap removed", "capdec, own text",
-              "capdec on images", "decap", "decap, unprojected", "decap, own text")
+              "capdec on images", "decap", "decap, gap removed", "decap, unprojected",
+              "decap, own text")
 CAPTION_MEASURES = ("BLEU@4", "CIDEr")
 
 
@@ -72,7 +74,8 @@ def decoder_inputs(train_images: torch.Tensor, train_text: torch.Tensor, val_ima
     gap = train_images.mean(dim=0) - train_text.mean(dim=0)  # the modality gap, from the training products
     return {"capdec": (val_images, False), "capdec, gap removed": (val_images - gap, False),
             "capdec, own text": (val_text, False), "capdec on images": (val_images, False),
-            "decap": (val_images, True), "decap, unprojected": (val_images, False), "decap, own text": (val_text, False)}
+            "decap": (val_images, True), "decap, gap removed": (val_images - gap, True),
+            "decap, unprojected": (val_images, False), "decap, own text": (val_text, False)}
 
 
 def control_report(bundle, train, val, settings: Settings, seed: int = 0, device: str = "cpu",

@@ -74,7 +74,8 @@ def test_decoder_inputs_remove_the_gap_and_feed_the_own_text(load_benchmark):
     # An image that is its text plus a constant shift is its text once the gap is removed.
     torch.testing.assert_close(inputs["capdec, gap removed"][0], val_text)
     assert torch.equal(inputs["capdec"][0], val_text + offset) and torch.equal(inputs["capdec, own text"][0], val_text)
-    assert [c for c, (_, project) in inputs.items() if project] == ["decap"]
+    assert [c for c, (_, project) in inputs.items() if project] == ["decap", "decap, gap removed"]
+    torch.testing.assert_close(inputs["decap, gap removed"][0], val_text)
     assert torch.equal(inputs["decap, unprojected"][0], val_text + offset)
 
 
