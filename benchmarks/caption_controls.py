@@ -39,15 +39,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark scripts, also when imported by a test
 from captioning import (QUICK, Settings, add_settings_flags, fit_capdec, fit_decap, named_bundle,  # noqa: E402,F401
                         resolve_capdec_lm, settings_from_flags)
 
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
-from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
-from e2_adapter.loading import add_model_flags  # noqa: E402
+from e2_adapter.evaluation.report import mean_std_table, save_json  # noqa: E402
+from e2_adapter.loading import add_model_flags, split_named_spec  # noqa: E402
 from integrations.captioning import caption_metrics, embed_images, embed_texts, entity_accuracy, load_corpus  # noqa: E402
 from integrations.captioning.cli import spec_from_string  # noqa: E402
 from integrations.captioning.data import ENTITIES  # noqa: E402
@@ -166,15 +165,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             "image_size": args.image_size, "encoder_seed": args.encoder_seed}
     results = {}
     for item in args.encoder:
-        name, sep, spec = item.partition("=")
-        if not sep or not name or not spec:
-            raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
+        name, spec = split_named_spec(item)
         print(f"[{name}]")
         bundle = named_bundle(spec_from_string(spec, base), args.device)
         results[name] = control_report(bundle, train, val, settings, args.seed, args.device, args.conditions)
-        if args.json:  # after every encoder: nothing lost if a later one fails
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        if args.json:  # after every encoder, atomically: nothing lost if a later one fails
+            save_json(args.json, results)
     print(aggregate_table([results]))
     return results
 

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from e2_adapter.loading import add_model_flags
+from e2_adapter.loading import add_model_flags, split_named_spec
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
 from integrations.captioning import (WordTokenizer, caption_metrics, embed_images, embed_texts, entity_accuracy,
                                      load_corpus)
@@ -260,9 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "image_size": args.image_size, "encoder_seed": args.encoder_seed}
     encoders = {}
     for item in args.encoder:
-        name, _, spec = item.partition("=")
-        if not name or not spec:
-            raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
+        name, spec = split_named_spec(item)
         encoders[name] = (lambda s=spec_from_string(spec, base): named_bundle(s, args.device))
     if args.synth:
         from e2_adapter.data.synth import write_fashionsynth

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from e2_adapter.loading import split_named_spec
 from integrations.cir.cirevl import ImageFeatures, encode_texts, load_captions
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec
 from integrations.cir.fashioniq import FashionIQ, Triplet, recall_at_k, target_ranks
@@ -169,9 +170,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results = {}
     torch.manual_seed(args.seed)  # once, as composed_retrieval.py does: the same mappers as its runs
     for item in args.encoder:
-        name, sep, spec = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
+        name, spec = split_named_spec(item)
         bundle = encoder_from_spec(spec, args)
         mapper = None
         if args.train_h5:

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from e2_adapter.loading import split_named_spec
 from integrations.cir.cirevl import CaptionStore, evaluate_cirevl, load_captions
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec, import_object
 from integrations.cir.fashioniq import DEFAULT_KS, FashionIQ, markdown_table
@@ -136,9 +137,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                             seed=args.seed)
     encoders = {}
     for item in args.encoder:
-        name, sep, spec = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
+        name, spec = split_named_spec(item)
         encoders[name] = encoder_from_spec(spec, args)
     mappers = dict(item.split("=", 1) for item in args.mapper)
     torch.manual_seed(args.seed)

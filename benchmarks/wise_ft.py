@@ -37,8 +37,9 @@ from cir_controls import control_report, load_products  # noqa: E402
 from e2_adapter.data import FashionGenH5  # noqa: E402
 from e2_adapter.evaluation.embed import embed_catalogue, evaluate  # noqa: E402
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
-from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
+from e2_adapter.evaluation.report import mean_std_table, save_json  # noqa: E402
 from e2_adapter.interpolate import interpolate_weights  # noqa: E402
+from e2_adapter.loading import split_named_spec  # noqa: E402
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec  # noqa: E402
 from integrations.cir.fashioniq import FashionIQ  # noqa: E402
 from integrations.cir.synthetic import rewriter_for  # noqa: E402
@@ -108,16 +109,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cir, products, rewriter = FashionIQ(Path(args.cir)), load_products(Path(args.cir), "val", args.val_h5), rewriter_for(Path(args.cir))
     results = {}
     for item in args.encoder:
-        name, sep, spec = item.partition("=")
-        if not sep or not name or not spec:
-            raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
+        name, spec = split_named_spec(item)
         bundle = encoder_from_spec(spec, args)
         results[name] = sweep(bundle, base_state, args.alphas, lambda b: measure(b, train, val, cir, products, rewriter))
         print(f"[{name}] " + "; ".join(f"alpha {a}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
                                      for a, row in results[name].items()), flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        if args.json:  # after every encoder, atomically: nothing lost if a later one fails
+            save_json(args.json, results)
     print(aggregate_table([results]))
     return results
 

@@ -62,6 +62,14 @@ def as_bundle(obj, family: str = "custom") -> ClipBundle:
     raise TypeError(f"an encoder factory must return a ClipBundle or (model, tokenizer, preprocess), got {type(obj)}")
 
 
+def split_named_spec(item: str) -> tuple[str, str]:
+    """A benchmark's ``--encoder NAME=SPEC`` as (name, spec); exits with a clear message when either is missing."""
+    name, sep, spec = item.partition("=")
+    if not (sep and name and spec):
+        raise SystemExit(f"--encoder expects NAME=SPEC, got {item!r}")
+    return name, spec
+
+
 def parse_encoder_spec(text: str) -> dict:
     """One encoder named on a command line (``NAME=SPEC`` in the benchmarks), as the fields it sets over
     the base flags: ``base``, a save_pretrained (or older best/) folder, an adapter folder, a ``.pt``
