@@ -1,6 +1,7 @@
 #!/bin/bash
 # DeCap at captioning.py's full size (4 layers, width 768, 10 epochs) instead of --quick, on the same
 # encoders: is the quick decoder what holds both encoders at the same BLEU@4? One core; seeds as arguments.
+# Stopped: the first decoder was still training after 14 minutes on one core (decap-wide.sh is the run measured).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 R=${RUNS:-/work/runs}
 for s in "$@"; do
