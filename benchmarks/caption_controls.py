@@ -45,8 +45,8 @@ from captioning import (QUICK, Settings, add_settings_flags, fit_capdec, fit_dec
                         resolve_capdec_lm, settings_from_flags)
 
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
-from e2_adapter.evaluation.report import mean_std_table, save_json  # noqa: E402
-from e2_adapter.loading import add_model_flags, split_named_spec  # noqa: E402
+from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
+from e2_adapter.loading import add_model_flags, for_each_encoder  # noqa: E402
 from integrations.captioning import caption_metrics, embed_images, embed_texts, entity_accuracy, load_corpus  # noqa: E402
 from integrations.captioning.cli import spec_from_string  # noqa: E402
 from integrations.captioning.data import ENTITIES  # noqa: E402
@@ -163,14 +163,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train, val = load_corpus(args.train_h5, settings.style), load_corpus(args.val_h5, settings.style, args.max_val)
     base = {"family": args.family, "model": args.model, "pretrained": args.pretrained,
             "image_size": args.image_size, "encoder_seed": args.encoder_seed}
-    results = {}
-    for item in args.encoder:
-        name, spec = split_named_spec(item)
+
+    def run(name: str, spec: str) -> dict:
         print(f"[{name}]")
         bundle = named_bundle(spec_from_string(spec, base), args.device)
-        results[name] = control_report(bundle, train, val, settings, args.seed, args.device, args.conditions)
-        if args.json:  # after every encoder, atomically: nothing lost if a later one fails
-            save_json(args.json, results)
+        return control_report(bundle, train, val, settings, args.seed, args.device, args.conditions)
+
+    results = for_each_encoder(args.encoder, run, args.json)
     print(aggregate_table([results]))
     return results
 

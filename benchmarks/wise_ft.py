@@ -37,9 +37,9 @@ from cir_controls import control_report, load_products  # noqa: E402
 from e2_adapter.data import FashionGenH5  # noqa: E402
 from e2_adapter.evaluation.embed import embed_catalogue, evaluate  # noqa: E402
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
-from e2_adapter.evaluation.report import mean_std_table, save_json  # noqa: E402
+from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
 from e2_adapter.interpolate import interpolate_weights  # noqa: E402
-from e2_adapter.loading import split_named_spec  # noqa: E402
+from e2_adapter.loading import for_each_encoder  # noqa: E402
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec  # noqa: E402
 from integrations.cir.fashioniq import FashionIQ  # noqa: E402
 from integrations.cir.synthetic import rewriter_for  # noqa: E402
@@ -107,15 +107,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     base_state = torch.load(args.base, map_location="cpu", weights_only=True)  # tensors only: no code runs
     train, val = FashionGenH5(args.train_h5), FashionGenH5(args.val_h5)
     cir, products, rewriter = FashionIQ(Path(args.cir)), load_products(Path(args.cir), "val", args.val_h5), rewriter_for(Path(args.cir))
-    results = {}
-    for item in args.encoder:
-        name, spec = split_named_spec(item)
-        bundle = encoder_from_spec(spec, args)
-        results[name] = sweep(bundle, base_state, args.alphas, lambda b: measure(b, train, val, cir, products, rewriter))
+
+    def run(name: str, spec: str) -> dict:
+        rows = sweep(encoder_from_spec(spec, args), base_state, args.alphas,
+                     lambda b: measure(b, train, val, cir, products, rewriter))
         print(f"[{name}] " + "; ".join(f"alpha {a}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
-                                     for a, row in results[name].items()), flush=True)
-        if args.json:  # after every encoder, atomically: nothing lost if a later one fails
-            save_json(args.json, results)
+                                     for a, row in rows.items()), flush=True)
+        return rows
+
+    results = for_each_encoder(args.encoder, run, args.json)
     print(aggregate_table([results]))
     return results
 

@@ -70,6 +70,19 @@ def split_named_spec(item: str) -> tuple[str, str]:
     return name, spec
 
 
+def for_each_encoder(items, run, json_path=None) -> dict:
+    """``{name: run(name, spec)}`` for a benchmark's ``--encoder NAME=SPEC`` items; with ``json_path``
+    the results so far are written (atomically) after every encoder: nothing is lost if a later one fails."""
+    from .evaluation.report import save_json
+    results = {}
+    for item in items:
+        name, spec = split_named_spec(item)
+        results[name] = run(name, spec)
+        if json_path:
+            save_json(json_path, results)
+    return results
+
+
 def parse_encoder_spec(text: str) -> dict:
     """One encoder named on a command line (``NAME=SPEC`` in the benchmarks), as the fields it sets over
     the base flags: ``base``, a save_pretrained (or older best/) folder, an adapter folder, a ``.pt``
