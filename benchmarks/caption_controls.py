@@ -55,6 +55,10 @@ CONDITIONS = ("linear probe", "text probe", "nearest caption", "capdec", "capdec
               "capdec on images", "decap", "decap, gap removed", "decap, unprojected",
               "decap, own text")
 CAPTION_MEASURES = ("BLEU@4", "CIDEr")
+# The decoder each decoded condition uses: CapDec trained on text, CapDec trained on images, DeCap.
+DECODER = {"capdec": "capdec", "capdec, gap removed": "capdec", "capdec, own text": "capdec",
+           "capdec on images": "capdec on images", "decap": "decap", "decap, gap removed": "decap",
+           "decap, unprojected": "decap", "decap, own text": "decap"}
 
 
 def _embed_corpus(bundle, corpus) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +91,7 @@ def control_report(bundle, train, val, settings: Settings, seed: int = 0, device
     train_images, train_text = _embed_corpus(bundle, train)
     val_images, val_text = _embed_corpus(bundle, val)
     references, tags = val.references(), val.tags()
+    train_labels, val_labels = _column(train.tags(), train.product_ids), _column(tags, val.product_ids)
     report: dict = {}
 
     def score(condition: str, captions: list[str]) -> None:
@@ -97,30 +102,26 @@ def control_report(bundle, train, val, settings: Settings, seed: int = 0, device
         log(f"  {condition}: brand {report[condition]['brand']:.1f}, BLEU@4 {report[condition]['BLEU@4']:.1f}")
 
     if "linear probe" in conditions:
-        report["linear probe"] = probe_entities(train_images, _column(train.tags(), train.product_ids),
-                                                val_images, _column(tags, val.product_ids), seed=seed)
+        report["linear probe"] = probe_entities(train_images, train_labels, val_images, val_labels, seed=seed)
     if "text probe" in conditions:
-        report["text probe"] = probe_entities(train_text, _column(train.tags(), train.product_ids),
-                                              val_text, _column(tags, val.product_ids), seed=seed)
+        report["text probe"] = probe_entities(train_text, train_labels, val_text, val_labels, seed=seed)
     if "nearest caption" in conditions:
         score("nearest caption", [train.captions[i] for i in (val_images @ train_text.T).argmax(dim=1).tolist()])
     start = time.time()
     inputs = decoder_inputs(train_images, train_text, val_images, val_text)
     wanted = [c for c in conditions if c in inputs]
-    decoders = {}
-    if any(c.startswith("capdec") and c != "capdec on images" for c in wanted):
-        decoders["capdec"] = fit_capdec(settings, train_text, bundle, train.captions, seed, device)[0]
-    if "capdec on images" in wanted:  # paired: each caption conditioned on its product's image, no noise
-        decoders["capdec on images"] = fit_capdec(replace(settings, noise_variance=0.0), train_images, bundle,
-                                                  train.captions, seed, device)[0]
-    if any(c.startswith("decap") for c in wanted):
-        decoders["decap"] = fit_decap(settings, train_text, bundle, train.captions, seed, device)[0]
+    fits = {"capdec": lambda: fit_capdec(settings, train_text, bundle, train.captions, seed, device)[0],
+            # paired: each caption conditioned on its product's image, no noise
+            "capdec on images": lambda: fit_capdec(replace(settings, noise_variance=0.0), train_images, bundle,
+                                                   train.captions, seed, device)[0],
+            "decap": lambda: fit_decap(settings, train_text, bundle, train.captions, seed, device)[0]}
+    decoders = {name: fits[name]() for name in dict.fromkeys(DECODER[c] for c in wanted)}  # each fitted once
     for condition in wanted:
         embeddings, project = inputs[condition]
-        if condition.startswith("decap"):
-            score(condition, decoders["decap"].generate(embeddings, project=project))
+        decoder = decoders[DECODER[condition]]
+        if DECODER[condition] == "decap":
+            score(condition, decoder.generate(embeddings, project=project))
         else:
-            decoder = decoders["capdec on images" if condition == "capdec on images" else "capdec"]
             score(condition, decoder.generate(embeddings, method=settings.capdec_method))
     log(f"  decoders: {time.time() - start:.0f} s")
     return {c: report[c] for c in CONDITIONS if c in report}
@@ -158,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for path in (args.train_h5, args.val_h5):
         if not Path(path).is_file():
             raise SystemExit(f"{path}: no such file (a FashionGen-layout h5, e.g. a FashionSynth world's data/)")
-    settings = settings_from_flags(args.quick, [*args.set, f"max_val={json.dumps(args.max_val)}"])
+    settings = settings_from_flags(args.quick, args.set)
     resolve_capdec_lm(settings)
     train, val = load_corpus(args.train_h5, settings.style), load_corpus(args.val_h5, settings.style, args.max_val)
     base = {"family": args.family, "model": args.model, "pretrained": args.pretrained,

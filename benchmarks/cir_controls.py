@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from e2_adapter.loading import split_named_spec
+from e2_adapter.loading import for_each_encoder
 from integrations.cir.cirevl import ImageFeatures, encode_texts, load_captions
 from integrations.cir.cli import add_encoder_flags, encoder_from_spec
 from integrations.cir.fashioniq import FashionIQ, Triplet, recall_at_k, target_ranks
@@ -167,18 +167,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         p.error("--encoder (at least one) and --data are required unless --aggregate is given")
     root = Path(args.data)
     dataset, products, rewriter = FashionIQ(root, args.split), load_products(root, args.split, args.catalogue), rewriter_for(root)
-    results = {}
     torch.manual_seed(args.seed)  # once, as composed_retrieval.py does: the same mappers as its runs
-    for item in args.encoder:
-        name, spec = split_named_spec(item)
+
+    def run(name: str, spec: str) -> dict:
         bundle = encoder_from_spec(spec, args)
         mapper = None
         if args.train_h5:
             mapper = train_encoder_mapper(bundle, args.train_h5, args.mapper_steps, 256, args.seed)
-        results[name] = control_report(bundle, dataset, products, rewriter, mapper)
+        return control_report(bundle, dataset, products, rewriter, mapper)
+
+    results = for_each_encoder(args.encoder, run, args.json)
     print(aggregate_table([results], "R@10") + "\n\n" + aggregate_table([results], "beats reference"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
     return results
 
 

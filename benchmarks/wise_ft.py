@@ -49,13 +49,13 @@ PROBED = ("brand", "composition")
 
 
 @torch.no_grad()
-def measure(bundle, train: FashionGenH5, val: FashionGenH5, cir: FashionIQ, products: dict, rewriter) -> dict:
-    """One encoder's row (see the module doc)."""
+def measure(bundle, train: FashionGenH5, val: FashionGenH5, labels: tuple[dict, dict], cir: FashionIQ, products: dict,
+            rewriter) -> dict:
+    """One encoder's row (see the module doc); ``labels``: the probed tags of train and val, read once."""
     model = bundle.model.eval()
     pf = evaluate(model, val, bundle.preprocess, bundle.tokenizer, ("product-full",))["product-full"]
     tr, te = (embed_catalogue(model, c, bundle.preprocess, bundle.tokenizer, "first") for c in (train, val))
-    train_tags, val_tags = train.all_tags(), val.all_tags()
-    probes = probe_entities(tr.image, {e: train_tags[e] for e in PROBED}, te.image, {e: val_tags[e] for e in PROBED})
+    probes = probe_entities(tr.image, labels[0], te.image, labels[1])
     queries = control_report(bundle, cir, products, rewriter)
     return {"pf SumR": pf["SumR"], **{f"probe {e}": probes[e] for e in PROBED},
             "CIReVL": queries["rewritten"]["average"]["R@10"], "CIReVL tuned": queries["rewritten tuned"]["average"]["R@10"]}
@@ -106,11 +106,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             raise SystemExit(f"{path}: no such file")
     base_state = torch.load(args.base, map_location="cpu", weights_only=True)  # tensors only: no code runs
     train, val = FashionGenH5(args.train_h5), FashionGenH5(args.val_h5)
+    labels = tuple({e: tags[e] for e in PROBED} for tags in (train.all_tags(), val.all_tags()))
     cir, products, rewriter = FashionIQ(Path(args.cir)), load_products(Path(args.cir), "val", args.val_h5), rewriter_for(Path(args.cir))
 
     def run(name: str, spec: str) -> dict:
         rows = sweep(encoder_from_spec(spec, args), base_state, args.alphas,
-                     lambda b: measure(b, train, val, cir, products, rewriter))
+                     lambda b: measure(b, train, val, labels, cir, products, rewriter))
         print(f"[{name}] " + "; ".join(f"alpha {a}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
                                      for a, row in rows.items()), flush=True)
         return rows
