@@ -47,7 +47,8 @@ from captioning import (QUICK, Settings, add_settings_flags, fit_capdec, fit_dec
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
 from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
 from e2_adapter.loading import add_model_flags, for_each_encoder  # noqa: E402
-from integrations.captioning import caption_metrics, embed_images, embed_texts, entity_accuracy, load_corpus  # noqa: E402
+from integrations.captioning import (caption_metrics, embed_images, embed_texts, entity_accuracy,  # noqa: E402
+                                     load_corpus, modality_gap, remove_gap)
 from integrations.captioning.cli import spec_from_string  # noqa: E402
 from integrations.captioning.data import ENTITIES  # noqa: E402
 
@@ -74,10 +75,10 @@ def _column(tags: dict, products: list[str]) -> dict[str, list[str]]:
 def decoder_inputs(train_images: torch.Tensor, train_text: torch.Tensor, val_images: torch.Tensor,
                    val_text: torch.Tensor) -> dict[str, tuple[torch.Tensor, bool]]:
     """Per decoder condition: (what its decoder is fed, whether DeCap projects it onto its memory)."""
-    gap = train_images.mean(dim=0) - train_text.mean(dim=0)  # the modality gap, from the training products
-    return {"capdec": (val_images, False), "capdec, gap removed": (val_images - gap, False),
+    moved = remove_gap(val_images, modality_gap(train_images, train_text))  # the gap from the training products
+    return {"capdec": (val_images, False), "capdec, gap removed": (moved, False),
             "capdec, own text": (val_text, False), "capdec on images": (val_images, False),
-            "decap": (val_images, True), "decap, gap removed": (val_images - gap, True),
+            "decap": (val_images, True), "decap, gap removed": (moved, True),
             "decap, unprojected": (val_images, False), "decap, own text": (val_text, False)}
 
 

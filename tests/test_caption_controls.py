@@ -68,15 +68,26 @@ def test_probe_and_nearest_caption_read_a_brand_that_is_in_the_image_embedding(s
 def test_decoder_inputs_remove_the_gap_and_feed_the_own_text(load_benchmark):
     controls = load_benchmark("caption_controls")
     torch.manual_seed(0)
-    train_text, val_text, offset = torch.randn(20, 8), torch.randn(5, 8), torch.randn(8)
-    inputs = controls.decoder_inputs(train_text + offset, train_text, val_text + offset, val_text)
+    normalise = torch.nn.functional.normalize
+    # Texts on the unit sphere of the first 6 axes; every image is its text pushed far along axis 7.
+    text = normalise(torch.cat([torch.randn(25, 6), torch.zeros(25, 2)], dim=1), dim=-1)
+    shift = torch.zeros(8)
+    shift[6] = 3.0
+    images = normalise(text + shift, dim=-1)
+    train_text, val_text, train_images, val_images = text[:20], text[20:], images[:20], images[20:]
+    inputs = controls.decoder_inputs(train_images, train_text, val_images, val_text)
     assert set(inputs) == set(decoded_conditions(controls))
-    # An image that is its text plus a constant shift is its text once the gap is removed.
-    torch.testing.assert_close(inputs["capdec, gap removed"][0], val_text)
-    assert torch.equal(inputs["capdec"][0], val_text + offset) and torch.equal(inputs["capdec, own text"][0], val_text)
+
+    def own_cosine(x):
+        return (normalise(x, dim=-1) * val_text).sum(-1).min().item()
+    # Removing the gap brings each image next to its own text, for both decoders.
+    assert own_cosine(val_images) < 0.4
+    moved = inputs["capdec, gap removed"][0]
+    assert own_cosine(moved) > 0.75 and torch.equal((moved @ val_text.T).argmax(1), torch.arange(5))
+    torch.testing.assert_close(inputs["decap, gap removed"][0], inputs["capdec, gap removed"][0])
+    assert torch.equal(inputs["capdec"][0], val_images) and torch.equal(inputs["capdec, own text"][0], val_text)
     assert [c for c, (_, project) in inputs.items() if project] == ["decap", "decap, gap removed"]
-    torch.testing.assert_close(inputs["decap, gap removed"][0], val_text)
-    assert torch.equal(inputs["decap, unprojected"][0], val_text + offset)
+    assert torch.equal(inputs["decap, unprojected"][0], val_images)
 
 
 def test_a_subset_of_conditions_and_unknown_ones(setup):

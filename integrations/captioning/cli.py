@@ -2,6 +2,7 @@
 
     caption train capdec --train-h5 train.h5 --out runs/capdec [--adapter runs/e2]
     caption generate --decoder runs/capdec --h5 validation.h5 --out captions.jsonl
+    caption train decap ... --remove-gap    # also store the modality gap; generate then removes it
     caption eval --captions captions.jsonl --h5 validation.h5 --out metrics.json
 
 The encoder is described by flags (CLIP family, model, weights, optional E2 adapter directory).
@@ -26,7 +27,8 @@ from e2_adapter.loading import ENCODER_FIELDS, add_encoder_flags, encoder_namesp
 
 from .checkpoint import atomic_write, read_config, read_json, write_json
 from .data import load_corpus, single_sentence
-from .encoders import embed_texts, resolve_encoder
+from .encoders import embed_images, embed_texts, resolve_encoder
+from .gap import load_gap, modality_gap, remove_gap, save_gap
 from .metrics import caption_metrics, entity_accuracy
 from .tokenizers import ClipBPETokenizer, HFTokenizer, WordTokenizer
 
@@ -87,8 +89,10 @@ def _build_capdec(args, captions: list[str], embed_dim: int) -> CapDec:
 def cmd_train(args) -> int:
     corpus = load_corpus(args.train_h5, args.style, args.max_products)
     spec = {k: getattr(args, k) for k in ENCODER_KEYS}
-    encoder, clip_tokenizer, _, name = encoder_from_spec(spec, args.device)
+    encoder, clip_tokenizer, preprocess, name = encoder_from_spec(spec, args.device)
     embeddings = embed_texts(encoder, clip_tokenizer, corpus.captions)  # once, shared by the memory bank
+    if args.remove_gap:  # measured before training, so a bad image fails fast
+        gap = modality_gap(_embed_corpus_images(encoder, preprocess, corpus, args.batch_size or 64), embeddings)
     schedule = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup_steps", "max_steps", "seed")}
     schedule = {k: v for k, v in schedule.items() if v is not None}
     if args.captioner == "capdec":
@@ -104,6 +108,8 @@ def cmd_train(args) -> int:
                              memory_size=args.memory_size, encoder_name=name, log_every=args.log_every, **schedule)
     model.save_pretrained(args.out)
     write_json(Path(args.out) / ENCODER_FILE, spec)
+    if args.remove_gap:
+        save_gap(args.out, gap)
     write_json(Path(args.out) / "train_log.json", {"style": args.style, "captions": len(corpus),
                                                    "losses": losses})
     print(f"trained {args.captioner} on {len(corpus)} captions ({len(losses)} steps, "
@@ -112,6 +118,15 @@ def cmd_train(args) -> int:
 
 
 # -- generate -------------------------------------------------------------------------------------
+def _embed_corpus_images(encoder, preprocess, corpus, batch_size: int, view: int = 0) -> torch.Tensor:
+    """Normalised image embeddings of every product's ``view``, a batch of images in memory at a time."""
+    parts = []
+    for start in range(0, len(corpus), batch_size):
+        products = range(start, min(start + batch_size, len(corpus)))
+        parts.append(embed_images(encoder, torch.stack([preprocess(im) for im in corpus.images(products, view=view)])))
+    return torch.cat(parts)
+
+
 def cmd_generate(args) -> int:
     recorded = Path(args.decoder) / ENCODER_FILE
     spec = read_json(recorded) if recorded.is_file() else {}
@@ -121,13 +136,15 @@ def cmd_generate(args) -> int:
     encoder, _, preprocess, _ = encoder_from_spec(spec, args.device)
     captioner = load_captioner(args.decoder, map_location=args.device)
     corpus = load_corpus(args.h5, "description", args.max_products)
+    gap = None if args.keep_gap else load_gap(args.decoder)
     options = {"method": args.method} if args.method else {}
+    embeddings = _embed_corpus_images(encoder, preprocess, corpus, args.batch_size, args.view)
+    if gap is not None:
+        embeddings = remove_gap(embeddings, gap)
     rows = []
     for start in range(0, len(corpus), args.batch_size):
-        products = range(start, min(start + args.batch_size, len(corpus)))
-        images = torch.stack([preprocess(im) for im in corpus.images(products, view=args.view)])
-        for p, caption in zip(products, captioner.caption(encoder, images, **options)):
-            rows.append({"product_id": corpus.product_ids[p], "caption": caption})
+        captions = captioner.generate(embeddings[start:start + args.batch_size], **options)
+        rows += [{"product_id": corpus.product_ids[start + i], "caption": c} for i, c in enumerate(captions)]
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -207,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=30)
     d.add_argument("--memory-size", type=int)
     d.add_argument("--compact-vocab", action="store_true", help="output layer over the corpus' BPE ids only")
+    t.add_argument("--remove-gap", action="store_true",
+                   help="also measure the modality gap (mean image - mean caption embedding of the training "
+                        "products, no pairing used) and store it, so generate moves each image by it")
     t.set_defaults(run=cmd_train)
 
     g = sub.add_parser("generate", parents=[common],
@@ -218,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--view", type=int, default=0)
     g.add_argument("--max-products", type=int)
     g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--keep-gap", action="store_true",
+                   help="feed the raw image embeddings even when the decoder stored a modality gap")
     _add_encoder_flags(g, defaults=False)
     g.set_defaults(run=cmd_generate)
 
