@@ -45,17 +45,18 @@ class TrainViews(Dataset):
     def __len__(self) -> int:
         return len(self.catalogue)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any]:
         # A (product, view) key fixes the view: the trainer's sampler picks views itself so
-        # that a resumed run sees exactly the data of an uninterrupted one.
+        # that a resumed run sees exactly the data of an uninterrupted one. A third element picks
+        # the caption style of a catalogue that has several (``MixedCaptions``).
         if isinstance(key, tuple):
-            p, view = key
+            p, view, *style = key
         else:
-            p, n = key, self.catalogue.num_views(key)
+            p, n, style = key, self.catalogue.num_views(key), []
             view = int(torch.randint(n, ()).item()) if n > 1 else 0
         return {
             "image": self.transform(self.catalogue.load_image(p, view)),
-            "text": self.catalogue.text(p),
+            "text": self.catalogue.styled_text(p, style[0]) if style else self.catalogue.text(p),
             "tags": self.catalogue.tags(p),
             "product": p,
         }

@@ -97,6 +97,7 @@ class FashionGenH5(ProductCatalogue):
         if max_products is not None and max_products < 1:
             raise ValueError(f"max_products must be >= 1, got {max_products}")
 
+        self.max_products = max_products
         self._h5: Optional[h5py.File] = None
         self._h5_pid: Optional[int] = None
         with self._open() as f:
@@ -106,6 +107,10 @@ class FashionGenH5(ProductCatalogue):
             self._region_keys = {e: REGION_PREFIX + e for e in self.entities
                                  if REGION_PREFIX + e in f}
         self._group_rows(ids, max_products)
+
+    def with_text_template(self, text_template: str) -> "FashionGenH5":
+        """The same products with their texts written by another template (``MixedCaptions``)."""
+        return FashionGenH5(self.path, self.entities, text_template, self.max_products, self.encoding)
 
     # -- opening and validation -------------------------------------------------
     def _open(self) -> h5py.File:

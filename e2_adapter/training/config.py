@@ -85,6 +85,10 @@ class TrainConfig:
     eval_protocol: str = option("product-full", "validation protocol that picks the best checkpoint")
     eval_every: int = option(0, "steps between validations (0: at each epoch end)")
     checkpoint_every: int = option(0, "steps between checkpoints (0: at each epoch end only)")
+    caption_replay: str | None = option(None, "a second caption style kept in the training mix, as a text template "
+                                        "over the catalogue's fields (e.g. the pre-training's '{name}. {composition}'), "
+                                        "so fine-tuning does not forget it; FashionGen-layout data only")
+    caption_replay_fraction: float = option(0.25, "share of training captions drawn in the caption_replay style")
     seed: int = option(0, "seed of data order and new parameters")
     num_workers: int = option(0, "DataLoader workers")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
@@ -135,6 +139,9 @@ class TrainConfig:
         for name in ("tau_start", "tau_end"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flag(name)} must be > 0 (a Gumbel-softmax temperature), got {getattr(self, name)}")
+        if self.caption_replay is not None and not 0 < self.caption_replay_fraction < 1:
+            raise ValueError(f"{flag('caption_replay_fraction')} must be between 0 and 1 (exclusive), "
+                             f"got {self.caption_replay_fraction}")
         if self.global_weight == 0 and self.region_weight == 0:
             raise ValueError("global_weight and region_weight are both 0: nothing would be trained")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

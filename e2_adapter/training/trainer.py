@@ -28,6 +28,7 @@ from ..torch_utils import model_device
 from ..wrap import encode_image_regions, get_adapter, get_backend, is_wrapped, wrap
 from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
+from ..data.mixed import MixedCaptions
 from ..evaluation.embed import evaluate
 from ..evaluation.report import save_json
 from ..losses import e2_loss, e2_loss_share, pair_loss, pair_loss_share
@@ -213,16 +214,31 @@ class ContrastiveObjective(nn.Module):
 # --- data order ---------------------------------------------------------------------------------
 
 def epoch_batches(num_products: int, catalogue: ProductCatalogue, batch_size: int, seed: int, epoch: int,
-                  rank: int = 0, world: int = 1) -> list[list[tuple[int, int]]]:
+                  rank: int = 0, world: int = 1) -> list[list[tuple[int, ...]]]:
     """The (product, view) pairs of every batch of an epoch, a pure function of (seed, epoch), so a
-    resumed run and an uninterrupted one see identical data. ``batch_size`` is the global batch for
+    resumed run and an uninterrupted one see identical data (for a ``MixedCaptions`` catalogue,
+    (product, view, caption style) triples). ``batch_size`` is the global batch for
     every world size: each rank takes every world-th pair of it, and the losses gather the whole batch."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_products, generator=g).tolist()
     views = torch.rand(num_products, generator=g).tolist()
     pairs = [(p, int(views[p] * catalogue.num_views(p))) for p in order]
+    replay = getattr(catalogue, "style_probability", 0.0)  # MixedCaptions: drawn after the views, which stay as they were
+    if replay:
+        styles = (torch.rand(num_products, generator=g) < replay).tolist()
+        pairs = [(p, view, int(styles[p])) for p, view in pairs]
     full = len(pairs) // batch_size  # drop the last partial batch: contrastive losses like equal batches
     return [pairs[i * batch_size:(i + 1) * batch_size][rank::world] for i in range(full)]
+
+
+def replay_captions(catalogue: ProductCatalogue, cfg: TrainConfig) -> ProductCatalogue:
+    """The training catalogue, with ``cfg.caption_replay``'s style mixed into its captions if set."""
+    if cfg.caption_replay is None:
+        return catalogue
+    if not hasattr(catalogue, "with_text_template"):
+        raise ValueError(f"caption_replay (--caption-replay) re-reads the training texts with another template, "
+                         f"which {type(catalogue).__name__} cannot; use FashionGen-layout (h5) training data")
+    return MixedCaptions(catalogue, catalogue.with_text_template(cfg.caption_replay), cfg.caption_replay_fraction)
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -246,7 +262,7 @@ class Trainer:
     def __init__(self, model: nn.Module, tokenizer, transform, train: ProductCatalogue,
                  val: ProductCatalogue | None, cfg: TrainConfig, out_dir: str | os.PathLike, family: str,
                  progress: bool = True):
-        self.cfg, self.train_data, self.val_data = cfg, train, val
+        self.cfg, self.train_data, self.val_data = cfg, replay_captions(train, cfg), val
         self.tokenizer, self.transform, self.family = tokenizer, transform, family
         self.out = Path(out_dir)
         self.progress = progress
