@@ -47,8 +47,8 @@ from captioning import (QUICK, Settings, add_settings_flags, fit_capdec, fit_dec
 from e2_adapter.evaluation.linear_probe import probe_entities  # noqa: E402
 from e2_adapter.evaluation.report import mean_std_table  # noqa: E402
 from e2_adapter.loading import add_model_flags, for_each_encoder  # noqa: E402
-from integrations.captioning import (caption_metrics, embed_images, embed_texts, entity_accuracy,  # noqa: E402
-                                     load_corpus, modality_gap, remove_gap)
+from integrations.captioning import (caption_metrics, embed_corpus_images, embed_texts,  # noqa: E402
+                                     entity_accuracy, load_corpus, modality_gap, remove_gap)
 from integrations.captioning.cli import spec_from_string  # noqa: E402
 from integrations.captioning.data import ENTITIES  # noqa: E402
 
@@ -64,7 +64,7 @@ DECODER = {"capdec": "capdec", "capdec, gap removed": "capdec", "capdec, own tex
 
 def _embed_corpus(bundle, corpus) -> tuple[torch.Tensor, torch.Tensor]:
     """(image embeddings of each product's first view, text embeddings of its caption), normalised."""
-    images = embed_images(bundle.model, torch.stack([bundle.preprocess(im) for im in corpus.images()]))
+    images = embed_corpus_images(bundle.model, bundle.preprocess, corpus)
     return images, embed_texts(bundle.model, bundle.tokenizer, corpus.captions)
 
 

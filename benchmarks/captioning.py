@@ -34,8 +34,8 @@ import torch
 
 from e2_adapter.loading import add_model_flags, split_named_spec
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
-from integrations.captioning import (WordTokenizer, caption_metrics, embed_images, embed_texts, entity_accuracy,
-                                     load_corpus, modality_gap, remove_gap)
+from integrations.captioning import (WordTokenizer, caption_metrics, embed_corpus_images, embed_texts,
+                                     entity_accuracy, load_corpus, modality_gap, remove_gap)
 from integrations.captioning.cli import encoder_from_spec, spec_from_string
 from integrations.decap import DeCap, DeCapConfig, train_decap
 
@@ -177,9 +177,9 @@ def run_benchmark(encoders: Mapping[str, object], train_h5: str | Path, val_h5: 
         bundle = _as_bundle(item)
         encoder = bundle.model.to(device).eval()
         text = embed_texts(encoder, bundle.tokenizer, train.captions)  # frozen: computed once per encoder
-        images = _embed_images(bundle, val)
+        images = embed_corpus_images(encoder, bundle.preprocess, val)
         if settings.remove_gap:  # the training products' images and captions, not their pairing
-            images = remove_gap(images, modality_gap(_embed_images(bundle, train), text))
+            images = remove_gap(images, modality_gap(embed_corpus_images(encoder, bundle.preprocess, train), text))
         log(f"[{name}] {len(train)} training captions, {len(val)} validation images, width {text.shape[1]}"
             + (", modality gap removed" if settings.remove_gap else ""))
         for captioner in captioners:
@@ -204,10 +204,6 @@ def run_benchmark(encoders: Mapping[str, object], train_h5: str | Path, val_h5: 
                 log(f"[{name}] {captioner} seed {seed}: BLEU@4 {100 * row['captions']['BLEU@4']:.1f}, "
                     f"brand {100 * row['entities']['brand']:.0f}%, {time.time() - start:.0f} s")
     return rows
-
-
-def _embed_images(bundle, corpus) -> torch.Tensor:
-    return embed_images(bundle.model, torch.stack([bundle.preprocess(im) for im in corpus.images()]))
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -27,7 +27,7 @@ from e2_adapter.loading import ENCODER_FIELDS, add_encoder_flags, encoder_namesp
 
 from .checkpoint import atomic_write, read_config, read_json, write_json
 from .data import load_corpus, single_sentence
-from .encoders import embed_images, embed_texts, resolve_encoder
+from .encoders import embed_corpus_images, embed_texts, resolve_encoder
 from .gap import load_gap, modality_gap, remove_gap, save_gap
 from .metrics import caption_metrics, entity_accuracy
 from .tokenizers import ClipBPETokenizer, HFTokenizer, WordTokenizer
@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
     encoder, clip_tokenizer, preprocess, name = encoder_from_spec(spec, args.device)
     embeddings = embed_texts(encoder, clip_tokenizer, corpus.captions)  # once, shared by the memory bank
     if args.remove_gap:  # measured before training, so a bad image fails fast
-        gap = modality_gap(_embed_corpus_images(encoder, preprocess, corpus, args.batch_size or 64), embeddings)
+        gap = modality_gap(embed_corpus_images(encoder, preprocess, corpus), embeddings)
     schedule = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "warmup_steps", "max_steps", "seed")}
     schedule = {k: v for k, v in schedule.items() if v is not None}
     if args.captioner == "capdec":
@@ -118,15 +118,6 @@ def cmd_train(args) -> int:
 
 
 # -- generate -------------------------------------------------------------------------------------
-def _embed_corpus_images(encoder, preprocess, corpus, batch_size: int, view: int = 0) -> torch.Tensor:
-    """Normalised image embeddings of every product's ``view``, a batch of images in memory at a time."""
-    parts = []
-    for start in range(0, len(corpus), batch_size):
-        products = range(start, min(start + batch_size, len(corpus)))
-        parts.append(embed_images(encoder, torch.stack([preprocess(im) for im in corpus.images(products, view=view)])))
-    return torch.cat(parts)
-
-
 def cmd_generate(args) -> int:
     recorded = Path(args.decoder) / ENCODER_FILE
     spec = read_json(recorded) if recorded.is_file() else {}
@@ -138,7 +129,7 @@ def cmd_generate(args) -> int:
     corpus = load_corpus(args.h5, "description", args.max_products)
     gap = None if args.keep_gap else load_gap(args.decoder)
     options = {"method": args.method} if args.method else {}
-    embeddings = _embed_corpus_images(encoder, preprocess, corpus, args.batch_size, args.view)
+    embeddings = embed_corpus_images(encoder, preprocess, corpus, args.batch_size, args.view)
     if gap is not None:
         embeddings = remove_gap(embeddings, gap)
     rows = []

@@ -86,6 +86,16 @@ def embed_images(model: ClipLike, images: torch.Tensor, batch_size: int = 256) -
     return torch.cat(out)
 
 
+def embed_corpus_images(model: ClipLike, preprocess, corpus, batch_size: int = 64, view: int = 0) -> torch.Tensor:
+    """``embed_images`` of one view (default the first) of every product of a ``CaptionCorpus``,
+    preprocessing ``batch_size`` images at a time so a large corpus is never in memory at once."""
+    parts = []
+    for start in range(0, len(corpus), batch_size):
+        products = range(start, min(start + batch_size, len(corpus)))
+        parts.append(embed_images(model, torch.stack([preprocess(im) for im in corpus.images(products, view=view)])))
+    return torch.cat(parts)
+
+
 def check_width(expected: int, got: int, encoder_name: str | None = None) -> None:
     """Fail loudly when a decoder trained on one embedding space meets another width."""
     if expected != got:
