@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .files import atomic_write_json
+
 CONFIG_NAME = "adapter_config.json"
 DEFAULT_ENTITIES = ("brand", "season", "subcategory", "composition")
 PRESETS = ("auto", "faithful", "lean", "gated")
@@ -185,9 +187,7 @@ class E2Config:
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / CONFIG_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
         return path
 
     @classmethod

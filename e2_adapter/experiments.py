@@ -15,6 +15,7 @@ import torch
 
 from .data import TRAIN_FILE, VALIDATION_FILE, FashionGenH5, SynthSpec
 from .training.config import TrainConfig
+from .files import atomic_write_json
 from .zoo import create_clip
 
 # What a web caption knows: colour, garment, fabric. Never the brand or the season.
@@ -92,7 +93,9 @@ def prepare(setting: Setting, out: Path, prepared: Path | None = None) -> tuple[
     base = out / "base.pt"
     if not base.is_file():
         pretrain_base(setting, train_path, base, out / "pretrain")
-    record.write_text(json.dumps(wanted, indent=1))
+    if not record.is_file():
+        # Written once and atomically: parallel runs sharing a --prepared folder read it meanwhile.
+        atomic_write_json(record, wanted, indent=1)
     return train_path, val_path, base
 
 

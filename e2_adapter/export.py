@@ -10,13 +10,13 @@ context (the backends' end-token trimming is exact and skipped while exporting).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .files import atomic_write_json
 from .torch_utils import model_device
 from .wrap import encode_image_regions, get_adapter, get_backend, is_wrapped
 from .zoo import ClipBundle, source_of
@@ -93,5 +93,5 @@ def export_onnx(model, directory: str | os.PathLike, *, image_size: int | None =
             "text": {"file": TEXT_FILE, "input": "tokens", "shape": ["batch", int(tokens.shape[1])],
                      "outputs": ["text"]},
             "source": source_of(model)}
-    (directory / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(directory / EXPORT_FILE, meta)
     return directory

@@ -26,7 +26,7 @@ from .config import E2Config
 from .io import save_adapter
 from .wrap import get_adapter, get_backend, is_wrapped, wrap
 from .zoo import ClipBundle, architecture_of, build_architecture, remember_source, source_of
-from .files import atomic_write
+from .files import atomic_write, atomic_write_json
 
 CONFIG_FILE = "e2_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,7 +80,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, source: d
     if adapter is not None:
         save_adapter(plain, directory / ADAPTER_DIR)
     # The config last: a folder with a config always has the weights that go with it.
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_json(directory / CONFIG_FILE, config)
     return directory
 
 

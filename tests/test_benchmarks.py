@@ -97,7 +97,10 @@ def test_fashionsynth_resumes_finished_runs_and_refuses_another_setting(tmp_path
               "--pretrain-steps", "1", "--variants", "clip-ft"]
     bench.main([*common, "--seeds", "0"])
     capsys.readouterr()
+    record = (tmp_path / "setting.json").stat()
     bench.main([*common, "--seeds", "0", "1"])  # seed 0 is done: only seed 1 trains
+    # The record is not rewritten by later runs: parallel runs sharing a --prepared folder read it.
+    assert (tmp_path / "setting.json").stat().st_mtime_ns == record.st_mtime_ns
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["seed"] for r in printed] == [1]
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]["clip-ft"]) == 2

@@ -31,7 +31,7 @@ from .classify import embed_images
 from .images import CatalogueImages
 from .tag import tag
 from .vocab import vocabulary_from_catalogue
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_json
 
 INDEX_FILE = "index.json"
 METADATA_FILE = "metadata.jsonl"
@@ -142,7 +142,7 @@ def build_index(model, catalogue: ProductCatalogue, directory: str | os.PathLike
     config = {"format": INDEX_FORMAT, "version": 1, "count": len(array), "dim": int(array.shape[1]),
               "embeddings": name, "faiss": faiss, "encoder": encoder, "source": source_of(model),
               "embedding": "L2-normalised global image embedding of each product's first view"}
-    atomic_write(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_json(directory / INDEX_FILE, config)
     return CatalogueIndex.load(directory)
 
 

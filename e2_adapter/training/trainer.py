@@ -30,6 +30,7 @@ from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
 from ..data.mixed import MixedCaptions
 from ..evaluation.embed import evaluate
+from ..files import atomic_write_text
 from ..evaluation.report import save_json
 from ..losses import e2_loss, e2_loss_share, pair_loss, pair_loss_share
 from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, remove_stale_temporaries, rng_state,
@@ -386,9 +387,7 @@ class Trainer:
             row = json.loads(line)
             return row["step"] if "step" in row else row.get("eval", {}).get("step", 0)
         kept = [line for line in path.read_text().splitlines() if line.strip() and row_step(line) <= step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def make_optimizer(self, stage: Stage):
         from transformers import get_cosine_schedule_with_warmup

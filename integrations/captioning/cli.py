@@ -23,9 +23,10 @@ import torch
 from integrations.capdec import CapDec, small_gpt2_config, train_capdec
 from integrations.decap import DeCap, DeCapConfig, train_decap
 
+from e2_adapter.files import atomic_write
 from e2_adapter.loading import ENCODER_FIELDS, add_encoder_flags, encoder_namespace, load_encoder, parse_encoder_spec
 
-from .checkpoint import atomic_write, read_config, read_json, write_json
+from .checkpoint import read_config, read_json, write_json
 from .data import load_corpus, single_sentence
 from .encoders import embed_corpus_images, embed_texts, resolve_encoder
 from .gap import load_gap, modality_gap, remove_gap, save_gap

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write
+from e2_adapter.files import atomic_write
 
 GAP_FILE = "modality_gap.safetensors"
 

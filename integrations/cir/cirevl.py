@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from e2_adapter.evaluation.embed import embed_texts
+from e2_adapter.files import atomic_write_json
 from e2_adapter.torch_utils import model_device
 from e2_adapter.wrap import clip_towers
 
@@ -175,8 +176,8 @@ class CaptionStore:
 
     def save(self) -> None:
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.captions, indent=1, ensure_ascii=False))
+            # Atomic: a kill mid-save must not cost the captions already paid for.
+            atomic_write_json(self.path, self.captions, indent=1, ensure_ascii=False)
 
 
 def load_captions(path: str | Path) -> dict[str, str]:

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from e2_adapter.files import atomic_write_json
+
 from .cirevl import ImageFeatures, file_identity, model_device
 from .fashioniq import FashionIQ, Triplet, join_captions
 from .text_injection import encode_text_with_pseudo_tokens, placeholder_token_id, token_width
@@ -98,7 +100,7 @@ class MapperConfig:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        atomic_write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "MapperConfig":
