@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import atomic_write
 from .config import CONFIG_NAME, CONFIG_VERSION, E2Config
 from .wrap import get_adapter, get_backend, is_wrapped, unwrap, wrap
 
@@ -52,14 +52,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "library": "e2-adapter", BASE_HASH_KEY: base_model_hash(model)})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    metadata = {"format": "pt", "library": "e2-adapter", BASE_HASH_KEY: base_model_hash(model)}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
     adapter.config.save(directory)
     return directory
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 import e2_adapter
 from e2_adapter import cli
+from e2_adapter.files import atomic_write, atomic_write_json, atomic_write_text
 from e2_adapter.data import AmazonFashion, DataFormatError, FashionGenH5, ManifestCatalogue
 from e2_adapter.io import (FORWARD_FIELDS, NOT_FORWARD_FIELDS, WEIGHTS_NAME, AdapterFileError, AdapterMismatchError,
                            BaseModelMismatchWarning, load_adapter, save_adapter)
@@ -294,6 +295,35 @@ def test_stale_temporaries_are_removed_and_others_kept(synth, tmp_path):
     make_trainer(synth, tmp_path, stage1_steps=1, stage2_steps=0).fit(overwrite=True)
     assert not any(p.exists() for p in stale) and mine.exists()
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_files_get_the_permissions_a_plain_open_gives(tmp_path, umask):
+    # mkstemp's owner-only 0600 made saved models, indexes and checkpoints unreadable to a team.
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain.json").write_text("{}")
+        atomic_write_json(tmp_path / "atomic.json", {"a": 1})
+        atomic_write(tmp_path / "model.bin", lambda tmp: Path(tmp).write_bytes(b"w"))
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "plain.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("atomic.json", "model.bin")] == [mode, mode]
+    assert json.loads((tmp_path / "atomic.json").read_text()) == {"a": 1}
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "config.json"
+    atomic_write_text(path, "old")
+
+    def crash(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize("checkpoint_every, message", [

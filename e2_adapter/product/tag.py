@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from ..data.catalogue import ProductCatalogue
+from ..files import atomic_write
 from ..wrap import get_adapter, is_wrapped
 from .bundle import parts
 from .classify import Prediction, _labels, _per_image, accuracy, classify, embed_images, logit_scale, rank
@@ -56,10 +56,9 @@ def write_tags(rows: list[dict[str, list[Prediction]]], ids: list[str], path: st
         raise ValueError(f"{path}: write tags to a .csv or .jsonl file")
     if len(rows) != len(ids):
         raise ValueError(f"{len(rows)} rows of tags but {len(ids)} ids")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             if path.suffix == ".jsonl":
                 for i, row in zip(ids, rows):
                     f.write(json.dumps({"id": i, "tags": {e: [p.to_dict() for p in ps] for e, ps in row.items()}},
@@ -70,10 +69,7 @@ def write_tags(rows: list[dict[str, list[Prediction]]], ids: list[str], path: st
                 writer.writerow(["id"] + [c for e in entities for c in (e, f"{e}_score")])
                 for i, row in zip(ids, rows):
                     writer.writerow([i] + [c for e in entities for c in (row[e][0].label, f"{row[e][0].score:.4f}")])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
     return path
 
 
