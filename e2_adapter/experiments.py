@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .data import TRAIN_FILE, VALIDATION_FILE, FashionGenH5, SynthSpec
-from .training.config import TrainConfig
 from .files import atomic_write_json
+from .training.config import TrainConfig
 from .zoo import create_clip
 
 # What a web caption knows: colour, garment, fabric. Never the brand or the season.

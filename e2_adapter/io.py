@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import atomic_write
 from .config import CONFIG_NAME, CONFIG_VERSION, E2Config
+from .files import atomic_write
 from .wrap import get_adapter, get_backend, is_wrapped, unwrap, wrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"

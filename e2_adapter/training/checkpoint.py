@@ -26,7 +26,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that interrupted atomic writes left in ``folder`` (not recursive):
-    ours are ``.<name>.<random>.tmp`` (torch files) and ``<name>.tmp`` (adapter files)."""
+    ours are ``.<name>.<random>.tmp`` (``files.atomic_write``), and folders written by earlier
+    versions may hold ``<name>.safetensors.tmp`` / ``<name>.json.tmp`` (adapter files)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

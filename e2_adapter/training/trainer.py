@@ -30,8 +30,8 @@ from ..data.catalogue import ProductCatalogue
 from ..data.datasets import TrainViews, collate
 from ..data.mixed import MixedCaptions
 from ..evaluation.embed import evaluate
-from ..files import atomic_write_text
 from ..evaluation.report import save_json
+from ..files import atomic_write_text
 from ..losses import e2_loss, e2_loss_share, pair_loss, pair_loss_share
 from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, remove_stale_temporaries, rng_state,
                          set_rng_state)
